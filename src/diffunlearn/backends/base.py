@@ -1,0 +1,74 @@
+"""What the engine, methods and attacks may ask of a text-to-image model.
+
+Methods and attacks are written against this protocol only; `diffusers_t2i.py` is the one
+implementation and the only module that names concrete model classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+PARAM_GROUPS = ("xattn", "xattn-kv", "noxattn", "full")
+PARAM_GROUP_HELP = {
+    "xattn": "every projection of the cross-attention layers (attn2: to_q, to_k, to_v, to_out); ESD-x",
+    "xattn-kv": "only attn2.to_k and attn2.to_v; ESD-x-strict, UCE, MACE",
+    "noxattn": "everything but the cross-attention layers; ESD-u",
+    "full": "every UNet parameter; ESD-all",
+}
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A conditional noise predictor with a frozen text encoder and a noise schedule."""
+
+    num_train_timesteps: int
+    image_shape: tuple[int, int, int]
+    device: torch.device
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder outputs (B, L, D) for prompts; never trained."""
+
+    def token_positions(self, prompt: str, concept: str) -> list[int]:
+        """Positions in the encoded sequence of the concept's word token(s)."""
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the space the UNet denoises (identity in pixel space)."""
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def eps(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+        params: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Predicted noise; `params` overrides named UNet parameters (the frozen teacher)."""
+
+    def teacher_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The frozen original model's prediction, without a second model copy."""
+
+    def param_group(self, name: str) -> dict[str, nn.Parameter]: ...
+
+    def set_trainable(self, group: str) -> dict[str, nn.Parameter]:
+        """Freeze everything but `group`, snapshot it as the teacher, return it."""
+
+    def xattn_kv_layers(self) -> list[tuple[str, nn.Linear, nn.Linear]]: ...
+
+    def capture_attention(self) -> AbstractContextManager[dict[str, list[torch.Tensor]]]: ...
+
+    def sample(
+        self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+        guidance: float | None = None, stop_at: int | None = None, batch_size: int = 128,
+        params: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor: ...
+
+    def save_pretrained(self, path: Path, changed_only: bool = False) -> None: ...
+
+    def content_hash(self) -> str: ...
+
+    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]: ...

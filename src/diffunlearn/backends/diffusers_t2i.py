@@ -1,0 +1,445 @@
+"""The diffusers backend: the only module that names concrete model classes.
+
+Serves both scales: the testbed (pixel-space UNet2DConditionModel, a tiny CLIPTextModel and
+a word-level tokenizer built offline) and Stable Diffusion 1.x/2.x diffusers folders on
+local disk (with a VAE, the UNet works in latent space). Nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from diffunlearn.backends.base import PARAM_GROUPS
+from diffunlearn.backends.model_dir import (
+    META_FILE,
+    UNET_WEIGHTS,
+    check_model_dir,
+    model_content_hash,
+    read_meta,
+)
+from diffunlearn.registry import UnknownNameError
+
+# diffusers and transformers are imported lazily inside functions: importing them costs
+# seconds and the CLI validates its input before paying that.
+
+
+class WordTokenizer:
+    """Word-level tokenizer for the testbed: every concept is exactly one token."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self._tok = tokenizer
+        self.max_length = max_length
+        self.pad_id = tokenizer.token_to_id("[PAD]")
+
+    @classmethod
+    def build(cls, words: Sequence[str], max_length: int = 12) -> WordTokenizer:
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+        specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+        vocab = {w: i for i, w in enumerate([*specials, *dict.fromkeys(words)])}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("removed")]
+        )
+        tok.post_processor = processors.TemplateProcessing(
+            single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
+        )
+        return cls(tok, max_length)
+
+    @classmethod
+    def load(cls, folder: Path) -> WordTokenizer:
+        from tokenizers import Tokenizer
+
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), cfg["max_length"])
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({"kind": "word-level", "max_length": self.max_length}, indent=2)
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def special_id(self, token: str) -> int:
+        return self._tok.token_to_id(token)
+
+    def ids(self, text: str, special: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=special).ids
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        rows = [self.ids(p)[: self.max_length] for p in prompts]
+        out = torch.full((len(rows), self.max_length), self.pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row)
+        return out
+
+
+class HFTokenizer:
+    """CLIP's BPE tokenizer read from a local Stable Diffusion folder."""
+
+    def __init__(self, folder: Path):
+        from transformers import CLIPTokenizer
+
+        self._tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        self.max_length = self._tok.model_max_length
+
+    def save(self, folder: Path) -> None:
+        self._tok.save_pretrained(str(folder))
+
+    def ids(self, text: str, special: bool = True) -> list[int]:
+        return self._tok(text, add_special_tokens=special)["input_ids"]
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self._tok(list(prompts), padding="max_length", max_length=self.max_length,
+                         truncation=True, return_tensors="pt").input_ids
+
+
+def build_testbed(vocab: Sequence[str], arch: Mapping) -> T2IModel:
+    """A freshly initialised testbed model from an architecture config (see configs/pretrain.yaml)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = WordTokenizer.build(vocab, max_length=arch["max_length"])
+    text_config = CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=arch["text_dim"], intermediate_size=4 * arch["text_dim"],
+        num_hidden_layers=arch["text_layers"], num_attention_heads=max(1, arch["text_dim"] // 32),
+        max_position_embeddings=arch["max_length"], pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.special_id("[BOS]"), eos_token_id=tokenizer.special_id("[EOS]"),
+    )
+    text_encoder = CLIPTextModel(text_config)
+    channels = tuple(arch["channels"])
+    # diffusers' `attention_head_dim` is the number of heads (a known naming quirk): heads
+    # of >= 16 channels each keep the CPU attention kernel efficient (TESTBED.md).
+    unet = UNet2DConditionModel(
+        sample_size=arch["image_size"], in_channels=3, out_channels=3, layers_per_block=arch["layers_per_block"],
+        block_out_channels=channels,
+        down_block_types=("DownBlock2D", *["CrossAttnDownBlock2D"] * (len(channels) - 1)),
+        up_block_types=(*["CrossAttnUpBlock2D"] * (len(channels) - 1), "UpBlock2D"),
+        cross_attention_dim=arch["text_dim"], attention_head_dim=arch["heads"],
+        norm_num_groups=arch.get("norm_groups", 8),
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    meta = {"kind": "testbed", "image_size": arch["image_size"], "guidance_scale": arch.get("guidance_scale", 3.0),
+            "sample_steps": 25, "latent": False}
+    return T2IModel(unet, text_encoder, tokenizer, scheduler, meta=meta)
+
+
+class _CapturingProcessor:
+    """Cross-attention processor that records attention probabilities (MACE, diagnostics)."""
+
+    def __init__(self, name: str, store: dict[str, list[torch.Tensor]]):
+        self.name, self.store = name, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        self.store.setdefault(self.name, []).append(probs.view(batch, attn.heads, *probs.shape[1:]))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class T2IModel:
+    """A text-to-image diffusion model with the Backend interface (see backends/base.py)."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler, vae: nn.Module | None = None,
+                 meta: dict | None = None, device: str | torch.device = "cpu"):
+        self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae = (
+            unet, text_encoder, tokenizer, scheduler, vae)
+        self.meta = dict(meta or {})
+        self.device = torch.device(device)
+        self.autocast = False
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+        size = self.meta.get("image_size", unet.config.sample_size)
+        channels = unet.config.in_channels
+        self.image_shape = (channels, unet.config.sample_size, unet.config.sample_size)
+        self.pixel_size = size
+        self._teacher: dict[str, torch.Tensor] = {}
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self.path: Path | None = None
+        self._hash: str | None = None
+        self.to(self.device)
+        self.text_encoder.requires_grad_(False)
+        self.text_encoder.eval()
+        if self.vae is not None:
+            self.vae.requires_grad_(False)
+
+    # ---- construction and files ------------------------------------------------------
+    def to(self, device: str | torch.device) -> T2IModel:
+        self.device = torch.device(device)
+        for module in (self.unet, self.text_encoder, self.vae):
+            if module is not None:
+                module.to(self.device)
+        self.alphas_cumprod = self.alphas_cumprod.to(self.device)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> T2IModel:
+        """Load a local model folder or an erase run's model folder; never downloads."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from safetensors.torch import load_file
+        from transformers import CLIPTextModel
+
+        path = Path(path)
+        meta = check_model_dir(path)
+        if meta.get("base"):
+            base_path = Path(meta["base"]["path"])
+            base_path = base_path if base_path.is_absolute() else (path / base_path).resolve()
+            model = cls.from_pretrained(base_path, device)
+            changed = load_file(str(path / UNET_WEIGHTS), device=str(model.device))
+            missing = set(changed) - set(dict(model.unet.named_parameters()))
+            if missing:
+                raise ValueError(f"{path}: weights not in the base model: {sorted(missing)[:3]}")
+            model.unet.load_state_dict(changed, strict=False)
+            model.meta.update({k: v for k, v in meta.items() if k not in ("base",)})
+            model.meta["base"] = meta["base"]
+            model.path, model._hash = path, None
+            return model
+        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"), local_files_only=True)
+        if (path / "tokenizer" / "tokenizer_config.json").exists() and json.loads(
+            (path / "tokenizer" / "tokenizer_config.json").read_text()).get("kind") == "word-level":
+            tokenizer = WordTokenizer.load(path / "tokenizer")
+        else:
+            tokenizer = HFTokenizer(path / "tokenizer")
+        vae = None
+        if (path / "vae").exists():
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(str(path / "vae"), local_files_only=True)
+        meta = meta or {"kind": "diffusers", "guidance_scale": 7.5, "sample_steps": 50, "latent": vae is not None}
+        model = cls(unet.eval(), text_encoder, tokenizer, scheduler, vae=vae, meta=meta, device=device)
+        model.path = path
+        return model
+
+    def save_pretrained(self, path: str | Path, changed_only: bool = False) -> None:
+        """Write a diffusers-layout folder; with `changed_only`, the UNet tensors that differ
+        from the teacher snapshot plus a reference (path and hash) to the base model."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = dict(self.meta)
+        if changed_only:
+            if self.path is None:
+                raise ValueError("changed_only needs a model loaded from a folder (the base)")
+            base = self.meta.get("base") or {"path": str(self.path.resolve()), "hash": self.content_hash()}
+            full = dict(self.unet.state_dict())
+            names = sorted(set(self._teacher) | set(self.meta.get("changed_params", [])))
+            tensors = {n: full[n].detach().contiguous().cpu() for n in names}
+            (path / "unet").mkdir(exist_ok=True)
+            _atomic_save(tensors, path / UNET_WEIGHTS, save_file)
+            meta.update(base=base, changed_params=names)
+        else:
+            self.unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+            self.text_encoder.save_pretrained(str(path / "text_encoder"), safe_serialization=True)
+            self.tokenizer.save(path / "tokenizer")
+            self.scheduler.save_pretrained(str(path / "scheduler"))
+            if self.vae is not None:
+                self.vae.save_pretrained(str(path / "vae"), safe_serialization=True)
+            meta.pop("base", None)
+            meta.pop("changed_params", None)
+        (path / "model_index.json").write_text(json.dumps(
+            {"_class_name": "DiffunlearnT2I", "_diffusers_version": _diffusers_version(),
+             "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
+        (path / META_FILE).write_text(json.dumps(meta, indent=2))
+
+    def content_hash(self) -> str:
+        if self._hash is None:
+            self._hash = model_content_hash(self.path) if self.path is not None else "unsaved"
+        return self._hash
+
+    # ---- text --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            ids = self.tokenizer(missing).to(self.device)
+            hidden = self.text_encoder(ids)[0].float()
+            for p, h in zip(missing, hidden, strict=True):
+                self._prompt_cache[p] = h
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def token_positions(self, prompt: str, concept: str) -> list[int]:
+        ids = self.tokenizer.ids(prompt)[: self.tokenizer.max_length]
+        sub = self.tokenizer.ids(concept, special=False)
+        for start in range(len(ids) - len(sub), -1, -1):
+            if sub and ids[start : start + len(sub)] == sub:
+                return list(range(start, start + len(sub)))
+        return []
+
+    # ---- images and noise ----------------------------------------------------------------
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return images
+        with torch.no_grad():
+            return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+
+    def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return x.clamp(-1, 1)
+        with torch.no_grad():
+            return self.vae.decode(x / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+            params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if t.dim() == 0:
+            t = t.expand(x_t.shape[0])
+        with self._autocast():
+            if params:
+                out = functional_call(self.unet, dict(params), (x_t, t), {"encoder_hidden_states": cond},
+                                      strict=False)
+            else:
+                out = self.unet(x_t, t, encoder_hidden_states=cond)
+        return out.sample.float() if hasattr(out, "sample") else out[0].float()
+
+    def teacher_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.eps(x_t, t, cond, params=self._teacher or None)
+
+    # ---- parameters -------------------------------------------------------------------
+    def param_group(self, name: str) -> dict[str, nn.Parameter]:
+        if name not in PARAM_GROUPS:
+            raise UnknownNameError("parameter group", name, list(PARAM_GROUPS))
+        named = dict(self.unet.named_parameters())
+        if name == "full":
+            return named
+        if name == "xattn":
+            return {n: p for n, p in named.items() if ".attn2." in n}
+        if name == "xattn-kv":
+            return {n: p for n, p in named.items() if ".attn2.to_k." in n or ".attn2.to_v." in n}
+        return {n: p for n, p in named.items() if ".attn2." not in n}
+
+    def set_trainable(self, group: str) -> dict[str, nn.Parameter]:
+        params = self.param_group(group)
+        self.unet.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        self.snapshot_teacher(params)
+        return params
+
+    def snapshot_teacher(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Copy only the group that will train: the rest of the UNet is shared with the teacher."""
+        self._teacher = {n: p.detach().clone() for n, p in params.items()}
+
+    def teacher_params(self) -> dict[str, torch.Tensor]:
+        return self._teacher
+
+    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.unet.named_parameters() if p.requires_grad)
+
+    def xattn_kv_layers(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
+        return [(name, m.to_k, m.to_v) for name, m in self.unet.named_modules() if name.endswith("attn2")]
+
+    @contextlib.contextmanager
+    def capture_attention(self) -> Iterator[dict[str, list[torch.Tensor]]]:
+        store: dict[str, list[torch.Tensor]] = {}
+        modules = {name: m for name, m in self.unet.named_modules() if name.endswith("attn2")}
+        saved = {name: m.processor for name, m in modules.items()}
+        try:
+            for name, m in modules.items():
+                m.set_processor(_CapturingProcessor(name, store))
+            yield store
+        finally:
+            for name, m in modules.items():
+                m.set_processor(saved[name])
+
+    # ---- sampling ----------------------------------------------------------------------
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Per-image seeded noise, so an image does not depend on its batch."""
+        return torch.stack([torch.randn(self.image_shape, generator=torch.Generator().manual_seed(int(s)))
+                            for s in seeds]).to(self.device)
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        stride = self.num_train_timesteps // steps
+        return [int(t) for t in range((steps - 1) * stride, -1, -stride)]
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+               guidance: float | None = None, stop_at: int | None = None, batch_size: int = 128,
+               params: Mapping[str, torch.Tensor] | None = None, return_model_space: bool = False,
+               ) -> torch.Tensor:
+        """Deterministic DDIM with classifier-free guidance, cond and uncond in one forward.
+
+        `stop_at` returns the intermediate x_t after the step that reaches timestep <= stop_at
+        (ESD and SDD train on such states); otherwise the final images in [-1, 1].
+        """
+        steps = steps or int(self.meta.get("sample_steps", 25))
+        guidance = float(self.meta.get("guidance_scale", 3.0) if guidance is None else guidance)
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            x = self.initial_noise(seeds[start : start + batch_size])
+            out.append(self._ddim(x, chunk, steps, guidance, stop_at, params))
+        x = torch.cat(out)
+        return x if (return_model_space or stop_at is not None) else self.from_model_space(x)
+
+    def _ddim(self, x: torch.Tensor, prompts: list[str], steps: int, guidance: float,
+              stop_at: int | None, params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        cond = self.encode(prompts)
+        uncond = self.encode([""]).expand_as(cond)
+        both = torch.cat([uncond, cond])
+        timesteps = self.ddim_timesteps(steps)
+        clip = self.vae is None
+        for i, t in enumerate(timesteps):
+            tt = torch.full((2 * x.shape[0],), t, device=self.device, dtype=torch.long)
+            e_u, e_c = self.eps(torch.cat([x, x]), tt, both, params=params).chunk(2)
+            e = e_u + guidance * (e_c - e_u)
+            abar = self.alphas_cumprod[t]
+            abar_prev = self.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0)
+            x0 = (x - (1 - abar).sqrt() * e) / abar.sqrt()
+            if clip:
+                x0 = x0.clamp(-1, 1)
+                e = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+            x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * e
+            if stop_at is not None and i + 1 < len(timesteps) and timesteps[i + 1] <= stop_at:
+                return x
+        return x
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, save_file) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_model(path: str | Path, device: str = "cpu") -> T2IModel:
+    return T2IModel.from_pretrained(path, device)
+
+
+def read_model_meta(path: str | Path) -> dict:
+    return read_meta(Path(path))

@@ -1,0 +1,196 @@
+"""The one training loop: pretraining, every unlearning method and every attack run on it.
+
+A caller supplies the parameters to train and a `step` callable that, given the step index
+and that step's random generator, computes the gradients (usually `loss.backward()`) and
+returns the values to log. The loop owns seeding, the optimizer and its schedule, gradient
+clipping, the EMA, the progress bar, periodic hooks (evaluation, diagnostics), CSV curves
+and atomic checkpoints.
+
+Resumption is exact: all randomness of step k comes from a generator seeded by
+(seed, k), so a run resumed from a checkpoint replays the same batches and noise as an
+uninterrupted one, and reaches the same final weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffunlearn.engine.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+)
+
+StepFn = Callable[[int, torch.Generator], Mapping[str, float]]
+Hook = Callable[[int], Mapping[str, float] | None]
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    lr: float
+    optimizer: str = "adam"  # adam | adamw | sgd
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    warmup: int = 0
+    schedule: str = "constant"  # constant | cosine
+    ema_decay: float | None = None
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 200
+    hook_every: int = 0
+    progress: bool = True
+    description: str = "training"
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    curves: list[dict[str, float]]
+    hook_rows: list[dict[str, float]]
+    seconds: float
+    resumed_from: int = 0
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class StopRequested(Exception):
+    """Raised by a hook (or a test) to interrupt a run; the last checkpoint stays valid."""
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer '{cfg.optimizer}'; valid: adam, adamw, sgd")
+
+
+def lr_factor(step: int, cfg: LoopConfig) -> float:
+    if cfg.warmup and step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / span)))
+    return 1.0
+
+
+def _progress(cfg: LoopConfig, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc=cfg.description, disable=not cfg.progress,
+                dynamic_ncols=True, leave=False)
+
+
+def run_loop(
+    params: Mapping[str, nn.Parameter],
+    step_fn: StepFn,
+    cfg: LoopConfig,
+    checkpoint_dir: Path | None = None,
+    hooks: list[Hook] | None = None,
+    extra_state: Callable[[], dict[str, torch.Tensor]] | None = None,
+    load_extra_state: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> LoopResult:
+    """Train `params` for `cfg.steps` steps of `step_fn`, resuming from `checkpoint_dir` if it
+    holds a checkpoint. `extra_state` adds method-owned tensors (a mask, an EMA teacher) to it."""
+    names = list(params)
+    plist = [params[n] for n in names]
+    optimizer = make_optimizer(plist, cfg)
+    ema = {n: p.detach().clone() for n, p in params.items()} if cfg.ema_decay else {}
+    curves: list[dict[str, float]] = []
+    hook_rows: list[dict[str, float]] = []
+    start, elapsed = 0, 0.0
+
+    loaded = load_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    if loaded:
+        tensors, info = loaded
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(tensors[f"param.{n}"])
+        ema = {n: tensors[f"ema.{n}"] for n in ema}
+        optimizer_from_tensors(optimizer, tensors, info["optimizer"])
+        if load_extra_state:
+            load_extra_state({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
+        start, curves, hook_rows, elapsed = info["step"], info["curves"], info["hook_rows"], info["seconds"]
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_dir is None:
+            return
+        opt_tensors, opt_info = optimizer_to_tensors(optimizer)
+        tensors = {f"param.{n}": params[n] for n in names} | {f"ema.{n}": v for n, v in ema.items()} | opt_tensors
+        if extra_state:
+            tensors |= {f"extra.{k}": v for k, v in extra_state().items()}
+        info = {"optimizer": opt_info, "curves": curves, "hook_rows": hook_rows,
+                "seconds": elapsed + time.perf_counter() - t0}
+        save_checkpoint(checkpoint_dir, step, tensors, info)
+
+    def run_hooks(step: int) -> None:
+        row: dict[str, float] = {"step": step}
+        for hook in hooks or []:
+            row.update(hook(step) or {})
+        if len(row) > 1:
+            hook_rows.append(row)
+
+    t0 = time.perf_counter()
+    bar = _progress(cfg, start)
+    if start == 0 and cfg.hook_every:
+        run_hooks(0)
+    try:
+        for step in range(start, cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            logs = dict(step_fn(step, step_generator(cfg.seed, step)))
+            if cfg.grad_clip:
+                logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip))
+            optimizer.step()
+            if ema:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        ema[n].lerp_(p.detach(), 1 - cfg.ema_decay)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                curves.append({"step": done, **{k: float(v) for k, v in logs.items()}})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "grad_norm")})
+            if cfg.hook_every and (done % cfg.hook_every == 0 or done == cfg.steps):
+                run_hooks(done)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                checkpoint(done)
+            bar.update(1)
+    finally:
+        bar.close()
+    seconds = elapsed + time.perf_counter() - t0
+    return LoopResult(cfg.steps, curves, hook_rows, seconds, resumed_from=start, ema=ema)
+
+
+def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
+    """CSV with the union of keys as columns (terms can differ between rows)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+__all__ = ["LoopConfig", "LoopResult", "StopRequested", "run_loop", "step_generator", "write_curves",
+           "atomic_write_text"]

@@ -1,0 +1,166 @@
+"""Training the shipped testbed: the text-to-image model and the evaluator classifiers.
+
+Both recipes run on the shared loop (engine/loop.py) from the committed configs in
+`configs/pretrain-*.yaml`; `retrain` (the gold standard) reuses `pretrain_model` with the
+forget concepts excluded from the data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffunlearn.backends.diffusers_t2i import T2IModel, build_testbed
+from diffunlearn.config import PretrainEvaluatorConfig, PretrainModelConfig, dump_yaml
+from diffunlearn.data import canvas
+from diffunlearn.engine.loop import LoopConfig, run_loop, write_curves
+from diffunlearn.metrics.classifier import ConceptClassifier, Evaluators
+
+
+def render_pool(pairs: list[tuple[str, str]], per_pair: int, seed: int, offset: int = 0,
+                size: int = 16) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """Images for `per_pair` indices (from `offset`) of each pair, and each image's pair."""
+    flat_pairs = [p for p in pairs for _ in range(per_pair)]
+    indices = [offset + i for _ in pairs for i in range(per_pair)]
+    images, _ = canvas.render_batch(flat_pairs, indices, seed=seed, size=size)
+    return torch.from_numpy(images), flat_pairs
+
+
+def training_pairs(exclude: list[str]) -> list[tuple[str, str]]:
+    return [(s, o) for s in canvas.ALL_STYLES for o in canvas.ALL_OBJECTS if s not in exclude and o not in exclude]
+
+
+def pretrain_model(cfg: PretrainModelConfig, out: Path, threads: int | None = None,
+                   progress: bool = True) -> T2IModel:
+    """Train the testbed model (UNet and text encoder jointly); resumable from `out/checkpoint`."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed)
+    model = build_testbed(canvas.vocabulary(), cfg.arch.model_dump())
+    pairs = training_pairs(cfg.data.exclude)
+    pool, pool_pairs = render_pool(pairs, cfg.data.images_per_pair, cfg.data.seed, size=cfg.arch.image_size)
+    text_encoder, unet = model.text_encoder, model.unet
+    text_encoder.requires_grad_(True).train()
+    unet.train()
+    params = {f"unet.{n}": p for n, p in unet.named_parameters()}
+    params |= {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()}
+    tokenized: dict[str, torch.Tensor] = {}
+
+    def tokens(prompts: list[str]) -> torch.Tensor:
+        for p in prompts:
+            if p not in tokenized:
+                tokenized[p] = model.tokenizer([p])[0]
+        return torch.stack([tokenized[p] for p in prompts])
+
+    def step(k: int, gen: torch.Generator) -> dict[str, float]:
+        idx = torch.randint(0, len(pool), (cfg.train.batch_size,), generator=gen)
+        rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        prompts = [canvas.training_prompt(*pool_pairs[i], rng, cfg.data.p_empty) for i in idx.tolist()]
+        x0 = pool[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, model.num_train_timesteps, (len(idx),), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
+            cond = text_encoder(tokens(prompts))[0]
+            pred = unet(model.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred.float(), noise)
+        loss.backward()
+        return {"loss": loss.item()}
+
+    t = cfg.train
+    loop_cfg = LoopConfig(steps=t.steps, lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay,
+                          grad_clip=t.grad_clip, warmup=t.warmup, schedule=t.schedule, ema_decay=t.ema_decay,
+                          seed=t.seed, log_every=50, checkpoint_every=t.checkpoint_every, progress=progress,
+                          description="pretrain model")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pretrain-config.yaml").write_text(dump_yaml(cfg.model_dump()))
+    result = run_loop(params, step, loop_cfg, checkpoint_dir=out / "checkpoint")
+    with torch.no_grad():  # ship the EMA weights
+        for name, value in result.ema.items():
+            params[name].copy_(value)
+    text_encoder.requires_grad_(False).eval()
+    unet.eval()
+    write_curves(out / "pretrain-curves.csv", result.curves)
+    model.meta.update(trained_steps=t.steps, train_seconds=round(result.seconds, 1),
+                      excluded=list(cfg.data.exclude))
+    model.save_pretrained(out / "model")
+    return model
+
+
+def pretrain_evaluators(cfg: PretrainEvaluatorConfig, out: Path, threads: int | None = None,
+                        progress: bool = True) -> tuple[Evaluators, dict[str, float]]:
+    """Train the style and object classifiers on real canvas images; report held-out accuracy."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    pairs = training_pairs([])
+    pool, pool_pairs = render_pool(pairs, cfg.images_per_pair, cfg.seed)
+    held, held_pairs = render_pool(pairs, cfg.heldout_per_pair, cfg.seed, offset=canvas.HELDOUT_OFFSET)
+    evaluators = Evaluators(ConceptClassifier(len(canvas.ALL_STYLES), cfg.width, cfg.feature_dim),
+                            ConceptClassifier(len(canvas.ALL_OBJECTS), cfg.width, cfg.feature_dim))
+    labels = {
+        "style": torch.tensor([canvas.ALL_STYLES.index(s) for s, _ in pool_pairs]),
+        "object": torch.tensor([canvas.ALL_OBJECTS.index(o) for _, o in pool_pairs]),
+    }
+    params = {f"style.{n}": p for n, p in evaluators.style.named_parameters()}
+    params |= {f"object.{n}": p for n, p in evaluators.object.named_parameters()}
+
+    def step(k: int, gen: torch.Generator) -> dict[str, float]:
+        idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=gen)
+        # noise and brightness jitter: generated images are never exactly on the real manifold
+        x = pool[idx] + cfg.noise_std * torch.rand(len(idx), 1, 1, 1, generator=gen) * torch.randn(
+            pool[idx].shape, generator=gen)
+        x = x + 0.1 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5)
+        logs = {}
+        for domain in ("style", "object"):
+            model, _ = evaluators.for_domain(domain)
+            loss = F.cross_entropy(model(x), labels[domain][idx])
+            loss.backward()
+            logs[f"loss_{domain}"] = loss.item()
+        logs["loss"] = logs["loss_style"] + logs["loss_object"]
+        return logs
+
+    for model in (evaluators.style, evaluators.object):
+        model.train()
+    loop_cfg = LoopConfig(steps=cfg.steps, lr=cfg.lr, optimizer="adamw", weight_decay=1e-4, schedule="cosine",
+                          warmup=50, seed=cfg.seed, log_every=50, checkpoint_every=500, progress=progress,
+                          description="pretrain evaluators")
+    result = run_loop(params, step, loop_cfg, checkpoint_dir=out / "checkpoint")
+    for model in (evaluators.style, evaluators.object):
+        model.eval().requires_grad_(False)
+    figures = {
+        "heldout_style_accuracy": _accuracy(evaluators, held, [s for s, _ in held_pairs], "style"),
+        "heldout_object_accuracy": _accuracy(evaluators, held, [o for _, o in held_pairs], "object"),
+        "train_seconds": round(result.seconds, 1),
+    }
+    evaluators.save(out / "evaluators", {**cfg.model_dump(), **figures})
+    write_curves(out / "evaluator-curves.csv", result.curves)
+    return evaluators, figures
+
+
+def _accuracy(evaluators: Evaluators, images: torch.Tensor, names: list[str], domain: str) -> float:
+    from diffunlearn.metrics.classifier import accuracy
+
+    return round(accuracy(evaluators, images, names, domain), 4)
+
+
+def install_assets(model_dir: Path | None, evaluator_dir: Path | None, assets: Path) -> None:
+    """Copy trained artefacts into the package's assets and record their hashes."""
+    from diffunlearn.backends.model_dir import hash_files
+
+    manifest_path = assets / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    for name, src in (("testbed", model_dir), ("evaluators", evaluator_dir)):
+        if src is None:
+            continue
+        dst = assets / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint", "*.tmp"))
+        files = sorted(p for p in dst.rglob("*") if p.is_file())
+        manifest[name] = {str(p.relative_to(dst)): hash_files([p]) for p in files}
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
