@@ -159,6 +159,7 @@ class EvalConfig(StrictModel):
     fid_reference_per_pair: int = Field(4, ge=1, description="held-out real images per retain pair")
     batch_size: int = Field(128, ge=1)
     enabled: bool = True
+    evaluators: str | None = Field(None, description="evaluator folder; default: the shipped classifiers")
 
 
 class PretrainArch(StrictModel):

@@ -255,6 +255,8 @@ class T2IModel:
             self.scheduler.save_pretrained(str(path / "scheduler"))
             if self.vae is not None:
                 self.vae.save_pretrained(str(path / "vae"), safe_serialization=True)
+            for sub in ("unet", "vae"):
+                _drop_load_path(path / sub / "config.json")
             meta.pop("base", None)
             meta.pop("changed_params", None)
         (path / "model_index.json").write_text(json.dumps(
@@ -373,6 +375,11 @@ class T2IModel:
                 m.set_processor(saved[name])
 
     # ---- sampling ----------------------------------------------------------------------
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale recorded with the model (set once, by measurement)."""
+        return float(self.meta.get("guidance_scale", 3.0))
+
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """Per-image seeded noise, so an image does not depend on its batch."""
         return torch.stack([torch.randn(self.image_shape, generator=torch.Generator().manual_seed(int(s)))
@@ -393,7 +400,7 @@ class T2IModel:
         (ESD and SDD train on such states); otherwise the final images in [-1, 1].
         """
         steps = steps or int(self.meta.get("sample_steps", 25))
-        guidance = float(self.meta.get("guidance_scale", 3.0) if guidance is None else guidance)
+        guidance = self.guidance_scale if guidance is None else float(guidance)
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
@@ -429,6 +436,15 @@ def _diffusers_version() -> str:
     import diffusers
 
     return diffusers.__version__
+
+
+def _drop_load_path(config: Path) -> None:
+    """diffusers records the folder a model was loaded from (`_name_or_path`) in its saved
+    config; drop it so a folder's content hash does not change when a loaded model is re-saved."""
+    if config.exists():
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, save_file) -> None:

@@ -35,7 +35,10 @@ def read_safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(size))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelDirError(f"corrupt safetensors file {path}: {err}") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError):
+        raise ModelDirError(f"corrupt safetensors file {path}: malformed header") from None
     if 8 + size + end != total:
         raise ModelDirError(f"corrupt safetensors file {path}: size does not match its header (truncated?)")
     return header

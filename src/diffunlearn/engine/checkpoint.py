@@ -14,13 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffunlearn.io import atomic_write_text
+
 POINTER = "ckpt.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

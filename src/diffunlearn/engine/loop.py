@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from diffunlearn.engine.checkpoint import (
-    atomic_write_text,
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -192,5 +191,4 @@ def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
     tmp.replace(path)
 
 
-__all__ = ["LoopConfig", "LoopResult", "StopRequested", "run_loop", "step_generator", "write_curves",
-           "atomic_write_text"]
+__all__ = ["LoopConfig", "LoopResult", "StopRequested", "run_loop", "step_generator", "write_curves"]

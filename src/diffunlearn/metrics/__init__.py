@@ -1,0 +1,21 @@
+"""Evaluation metrics. `METRIC_HELP` is torch-free, for `diffunlearn ls metrics`."""
+
+METRIC_HELP = {
+    "UA": "% of forget-prompt generations NOT classified as the forget concept (full template) [001]",
+    "UA_partial": "UA on partial prompts ('an image in {style} style', 'an image of {object}')",
+    "IRA": "% of retain-prompt generations classified correctly in the forget concept's domain [001]",
+    "CRA": "% of retain-prompt generations classified correctly in the other domain [001]",
+    "SFID": "min(100 * FID_original / FID_model, 100) on retain generations [001] App. B",
+    "Total": "UA + IRA + CRA + SFID [001] App. B",
+    "AR_MU_top1": "% of forget generations classified as the forget concept after unlearning [002]",
+    "AR_MU_top3": "% of forget generations with the forget concept in the top 3 [002]",
+    "AR_CL": "% of forget generations classified as the anchor/alternative concept [002]",
+    "p_forget": "mean classifier probability of the forget concept on forget generations [004]",
+    "entropy": "mean entropy of the classifier output on forget generations [004]",
+    "FID": "Frechet distance of retain generations to held-out real images, evaluator features",
+    "KID": "kernel inception distance on the same features (mean, std over subsets)",
+    "precision": "k-NN manifold precision of retain generations (Kynkaanniemi et al. 2019)",
+    "recall": "k-NN manifold recall of retain generations",
+    "weight_distance": "L2 distance and relative change of the trained weights from the original",
+    "cost": "wall time, peak memory (RSS), optimizer steps",
+}

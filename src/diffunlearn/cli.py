@@ -1,0 +1,230 @@
+"""The `diffunlearn` command line: a thin layer over the Python API (api.py).
+
+Input is validated before torch is imported; an error a user can cause prints one line on
+stderr and exits with status 2, having written nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from diffunlearn.backends.model_dir import ModelDirError
+from diffunlearn.config import ConfigError
+from diffunlearn.data.tasks import TaskError
+from diffunlearn.registry import UnknownNameError
+from diffunlearn.runs import RunDirError
+
+app = typer.Typer(
+    help="Erase concepts from text-to-image diffusion models, measure what was erased and kept, "
+         "and attack the result to see whether it lasts.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+pretrain_app = typer.Typer(help="Train the shipped testbed (model or evaluator classifiers).", no_args_is_help=True)
+app.add_typer(pretrain_app, name="pretrain")
+
+USER_ERRORS = (ConfigError, TaskError, ModelDirError, UnknownNameError, RunDirError, FileNotFoundError)
+T = TypeVar("T")
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Run `fn`, turning errors a user can cause into one line and exit status 2."""
+    try:
+        return fn()
+    except USER_ERRORS as err:
+        fail(str(err).strip("'\""))
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
+        raise typer.Exit(130) from None
+
+
+def split_names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+ForgetOpt = Annotated[str | None, typer.Option("--forget", "-f", help="Concept(s) to erase, comma-separated.")]
+ModelOpt = Annotated[Path | None, typer.Option(
+    "--model", "-m", help="Model folder (diffusers layout) or an erase run's directory; default: the shipped testbed.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (not part of the run id).")]
+OverridesArg = Annotated[list[str] | None, typer.Argument(
+    help="Overrides as dotted key=value, e.g. method.lr=1e-5 eval.images_per_prompt=4 task.anchor_scheme=next.",
+    show_default=False)]
+
+
+def model_folder(path: Path | None) -> Path | None:
+    """An erase run directory stands for its model/ folder."""
+    if path is not None and (path / "run.json").exists() and (path / "model").is_dir():
+        return path / "model"
+    return path
+
+
+@app.command()
+def erase(
+    method: Annotated[str, typer.Argument(help="Method name (see `diffunlearn ls methods`).")],
+    forget: ForgetOpt = None,
+    retain: Annotated[str | None, typer.Option(help="Retain concepts, comma-separated; default: all others.")] = None,
+    model: ModelOpt = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (method/task/eval/model).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory; default runs/<method>-<id>.")] = None,
+    threads: ThreadsOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Erase concepts with a method, evaluate before and after, and write a run directory.
+
+    Precedence: method defaults < profile (paper | testbed) < --config YAML < flags and key=value.
+    Rerunning a finished run is a no-op; an interrupted one resumes from its last checkpoint.
+    """
+    from diffunlearn import api
+    from diffunlearn.runs import prepare_run_dir, resolve_erase
+
+    def run():
+        resolved = resolve_erase(method, split_names(forget), split_names(retain), model_folder(model), config,
+                                 overrides or [])
+        out_dir = out or resolved.default_out()
+        state = prepare_run_dir(out_dir, resolved.run_id, "erase")
+        if state == "done":
+            typer.echo(f"run {resolved.run_id} is already complete in {out_dir}")
+            return None
+        typer.echo(f"{'resuming' if state == 'resume' else 'starting'} run {resolved.run_id} in {out_dir} "
+                   f"(profile {resolved.profile})", err=True)
+        return api._execute_erase(resolved, out_dir, threads, progress=sys.stderr.isatty())
+
+    result = guarded(run)
+    if result is not None:
+        _print_summary(result.metrics, result.out)
+
+
+@app.command()
+def evaluate(
+    model: ModelOpt = None,
+    forget: ForgetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for evaluation.json.")] = None,
+    threads: ThreadsOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Evaluate a model on forget concepts: UA, IRA, CRA, AR, FID/KID, with confidence intervals."""
+    from diffunlearn import api
+
+    metrics = guarded(lambda: api.evaluate(model_folder(model), split_names(forget), out, overrides or [], threads,
+                                           progress=sys.stderr.isatty()))
+    _print_summary(metrics, out)
+
+
+@app.command("ls")
+def ls(what: Annotated[str, typer.Argument(help="methods | concepts | metrics")]) -> None:
+    """List the registered methods, the testbed's concepts, or the metrics."""
+    from diffunlearn.data import canvas
+    from diffunlearn.methods import methods
+
+    if what == "methods":
+        for name in methods.names():
+            typer.echo(f"{name:14s} {methods.help(name)}")
+    elif what == "concepts":
+        typer.echo("style:  " + " ".join(canvas.STYLES) + f"   (neutral: {canvas.NEUTRAL_STYLE})")
+        typer.echo("object: " + " ".join(canvas.OBJECTS) + f"   (neutral: {canvas.NEUTRAL_OBJECT})")
+    elif what == "metrics":
+        from diffunlearn.metrics import METRIC_HELP
+
+        for name, text in METRIC_HELP.items():
+            typer.echo(f"{name:12s} {text}")
+    else:
+        fail(f"unknown listing '{what}'; valid: methods, concepts, metrics")
+
+
+@app.command()
+def validate(config: Annotated[Path, typer.Argument(help="YAML config to check.")]) -> None:
+    """Check a config file (method, task, eval, model) without loading any model."""
+    from diffunlearn.runs import resolve_erase
+
+    resolved = guarded(lambda: resolve_erase(None, config_file=config))
+    typer.echo(f"ok: {resolved.method} (profile {resolved.profile}), forget {','.join(resolved.task.forget)}, "
+               f"run id {resolved.run_id}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Demo directory.")] = Path("runs/demo"),
+    threads: ThreadsOpt = None,
+) -> None:
+    """Erase one style with CORE from the shipped model and write a report (about 3 minutes)."""
+    from diffunlearn import api
+
+    report = guarded(lambda: api.demo(out, threads, progress=sys.stderr.isatty()))
+    typer.echo(f"report: {report}")
+
+
+@pretrain_app.command("model")
+def pretrain_model(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path("runs/pretrain-model"),
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Default: the committed recipe.")] = None,
+    threads: ThreadsOpt = None,
+    install: Annotated[bool, typer.Option(help="Copy the result into the package's assets.")] = False,
+    overrides: OverridesArg = None,
+) -> None:
+    """Train the testbed text-to-image model (UNet + text encoder) from the committed recipe."""
+    from diffunlearn.config import CONFIG_DIR, PretrainModelConfig, apply_overrides, build, load_yaml
+
+    cfg = guarded(lambda: build(PretrainModelConfig, apply_overrides(
+        load_yaml(config or CONFIG_DIR / "pretrain-model.yaml"), overrides or [])))
+    from diffunlearn.pretrain import install_assets
+    from diffunlearn.pretrain import pretrain_model as train
+    from diffunlearn.runs import ASSETS
+
+    train(cfg, out, threads, progress=sys.stderr.isatty())
+    if install:
+        install_assets(out / "model", None, ASSETS)
+    typer.echo(f"model written to {out / 'model'}")
+
+
+@pretrain_app.command("evaluators")
+def pretrain_evaluators(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/pretrain-evaluators"),
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Default: the committed recipe.")] = None,
+    threads: ThreadsOpt = None,
+    install: Annotated[bool, typer.Option(help="Copy the result into the package's assets.")] = False,
+    overrides: OverridesArg = None,
+) -> None:
+    """Train the style and object evaluator classifiers on real canvas images."""
+    from diffunlearn.config import CONFIG_DIR, PretrainEvaluatorConfig, apply_overrides, build, load_yaml
+
+    cfg = guarded(lambda: build(PretrainEvaluatorConfig, apply_overrides(
+        load_yaml(config or CONFIG_DIR / "pretrain-evaluators.yaml"), overrides or [])))
+    from diffunlearn.pretrain import install_assets
+    from diffunlearn.pretrain import pretrain_evaluators as train
+    from diffunlearn.runs import ASSETS
+
+    _, figures = train(cfg, out, threads, progress=sys.stderr.isatty())
+    if install:
+        install_assets(None, out / "evaluators", ASSETS)
+    typer.echo(f"evaluators written to {out / 'evaluators'}: {figures}")
+
+
+def _print_summary(metrics: dict, out: Path | None) -> None:
+    after = metrics.get("after", metrics)
+    before = metrics.get("before")
+    keys = ("UA", "UA_partial", "IRA", "CRA", "SFID", "Total", "FID")
+    typer.echo(" ".join(f"{k}={after[k]:.1f}" for k in keys if isinstance(after.get(k), int | float)))
+    if before:
+        shown = [k for k in keys if isinstance(before.get(k), int | float)]
+        typer.echo("before: " + " ".join(f"{k}={before[k]:.1f}" for k in shown))
+    if out:
+        typer.echo(f"written to {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Resolving a run's configuration and its directory, all before torch is imported.
+
+Precedence: the method's built-in defaults < its profile (`paper` or `testbed`) < the YAML
+file < command-line flags and `key=value` overrides. The run id hashes the resolved
+config, the model's content hash and the package versions (not the output path or thread
+count), so a finished run is recognised and an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from diffunlearn.backends.model_dir import check_model_dir, model_content_hash
+from diffunlearn.config import (
+    ConfigError,
+    EvalConfig,
+    StrictModel,
+    TaskConfig,
+    apply_overrides,
+    build,
+    config_hash,
+    deep_merge,
+    dump_yaml,
+    load_yaml,
+)
+from diffunlearn.data.tasks import validate_anchor_scheme, validate_concepts
+from diffunlearn.io import atomic_write_text
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TESTBED_DIR = ASSETS / "testbed"
+PROFILES = ("paper", "testbed")
+TOP_LEVEL_KEYS = ("method", "task", "eval", "model", "seed")
+
+
+class RunDirError(ValueError):
+    """The output directory holds something we must not overwrite."""
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("diffunlearn", "torch", "diffusers", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def default_model_dir() -> Path:
+    return TESTBED_DIR
+
+
+def is_testbed(model_dir: Path, meta: dict) -> bool:
+    return meta.get("kind") == "testbed" or Path(model_dir).resolve() == TESTBED_DIR.resolve()
+
+
+class ModelSection(StrictModel):
+    path: str
+
+
+@dataclass
+class ResolvedRun:
+    """Everything needed to run an erase, validated; nothing has been written yet."""
+
+    method: str
+    method_config: Any  # the method's MethodConfig subclass instance
+    profile: str
+    task: TaskConfig
+    eval: EvalConfig
+    model_dir: Path
+    model_hash: str
+    seed: int
+    versions: dict[str, str] = field(default_factory=package_versions)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": {"name": self.method, "profile": self.profile, **self.method_config.model_dump()},
+            "task": self.task.model_dump(),
+            "eval": self.eval.model_dump(),
+            "model": {"path": str(self.model_dir), "hash": self.model_hash},
+            "seed": self.seed,
+        }
+
+    @property
+    def run_id(self) -> str:
+        data = self.as_dict()
+        data["model"] = {"hash": self.model_hash}  # the path may differ between machines
+        return config_hash({"config": data, "versions": self.versions})
+
+    def default_out(self) -> Path:
+        return Path("runs") / f"{self.method}-{self.run_id}"
+
+
+def read_config_file(config_file: str | Path | None) -> dict[str, Any]:
+    data = load_yaml(config_file) if config_file else {}
+    unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}'; valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
+    return data
+
+
+def resolve_erase(method: str | None, forget: list[str] | None = None, retain: list[str] | None = None,
+                  model: str | Path | None = None, config_file: str | Path | None = None,
+                  overrides: list[str] | None = None) -> ResolvedRun:
+    """Validate and resolve an erase run; raises ConfigError / TaskError / ModelDirError /
+    UnknownNameError with a one-line message. Imports no torch."""
+    from diffunlearn.methods import methods
+
+    data = read_config_file(config_file)
+    flags: dict[str, Any] = {}
+    if forget:
+        flags.setdefault("task", {})["forget"] = list(forget)
+    if retain is not None:
+        flags.setdefault("task", {})["retain"] = list(retain)
+    if model:
+        flags["model"] = str(model)
+    data = apply_overrides(deep_merge(data, flags), overrides or [])
+
+    method_data = data.get("method") or {}
+    if isinstance(method_data, str):
+        method_data = {"name": method_data}
+    if not isinstance(method_data, dict):
+        raise ConfigError("config key 'method' must be a mapping (name, profile and hyperparameters)")
+    method_data = dict(method_data)
+    name = method or method_data.get("name")
+    if not name:
+        raise ConfigError(f"no method given; valid methods: {', '.join(methods.names())}")
+    if method and method_data.get("name") not in (None, method):
+        raise ConfigError(f"the config names method '{method_data['name']}' but the command line '{method}'")
+    methods.check(name)
+    method_data.pop("name", None)
+
+    model_dir = Path(data.get("model") or default_model_dir())
+    if isinstance(data.get("model"), dict):
+        model_dir = Path(build(ModelSection, data["model"], "model.").path)
+    meta = check_model_dir(model_dir)
+
+    profile = method_data.pop("profile", None) or ("testbed" if is_testbed(model_dir, meta) else "paper")
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile}'; valid profiles: {', '.join(PROFILES)}")
+    method_cls = methods.get(name)
+    method_config = build(method_cls.Config, deep_merge(method_cls.profiles.get(profile, {}), method_data), "method.")
+
+    task = build(TaskConfig, data.get("task") or {}, "task.")
+    validate_concepts(task.forget, task.retain)
+    validate_anchor_scheme(task.anchor_scheme)
+    eval_cfg = build(EvalConfig, data.get("eval") or {}, "eval.")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int):
+        raise ConfigError(f"bad value for 'seed': expected an integer, got {seed!r}")
+    return ResolvedRun(name, method_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir), seed)
+
+
+def prepare_run_dir(out: Path, run_id: str, kind: str) -> str:
+    """'new', 'resume' or 'done' for `out`; RunDirError if it holds anything else. Writes nothing."""
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise RunDirError(f"output path {out} exists and is not a directory")
+    marker = out / "run.json"
+    if not marker.exists():
+        if any(out.iterdir()):
+            raise RunDirError(f"output directory {out} is not empty and holds no diffunlearn run; "
+                              "choose another --out")
+        return "new"
+    try:
+        info = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        raise RunDirError(f"output directory {out} holds a corrupt run.json; choose another --out") from None
+    if info.get("run_id") != run_id or info.get("kind") != kind:
+        raise RunDirError(f"output directory {out} already holds a different run ({info.get('kind')} "
+                          f"{info.get('run_id')}); choose another --out")
+    return "done" if info.get("status") == "complete" else "resume"
+
+
+def write_run_marker(out: Path, run_id: str, kind: str, status: str) -> None:
+    atomic_write_text(out / "run.json", json.dumps({"run_id": run_id, "kind": kind, "status": status}))
+
+
+def write_config(out: Path, resolved_dict: dict[str, Any]) -> None:
+    (out / "config.yaml").write_text(dump_yaml(resolved_dict))

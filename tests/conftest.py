@@ -1,0 +1,60 @@
+"""Tiny seeded models built in fixtures (like diffusers' get_dummy_components)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY_ARCH = {
+    "image_size": 16, "channels": [16, 32], "layers_per_block": 1, "heads": 1, "norm_groups": 8,
+    "text_dim": 32, "text_layers": 1, "max_length": 12, "guidance_scale": 3.0,
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Task caches go to a per-session temporary folder, never the user's cache."""
+    monkeypatch.setenv("DIFFUNLEARN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def build_tiny_model(seed: int = 0):
+    import torch
+
+    from diffunlearn.backends.diffusers_t2i import build_testbed
+    from diffunlearn.data import canvas
+
+    torch.manual_seed(seed)
+    return build_testbed(canvas.vocabulary(), TINY_ARCH)
+
+
+@pytest.fixture
+def tiny_model():
+    return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny model folder, usable anywhere a --model path is accepted."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model = build_tiny_model()
+    model.save_pretrained(path)
+    return path
+
+
+def build_tiny_evaluators(seed: int = 0):
+    import torch
+
+    from diffunlearn.data import canvas
+    from diffunlearn.metrics.classifier import ConceptClassifier, Evaluators
+
+    torch.manual_seed(seed)
+    return Evaluators(ConceptClassifier(len(canvas.ALL_STYLES), width=8, feature_dim=8),
+                      ConceptClassifier(len(canvas.ALL_OBJECTS), width=8, feature_dim=8))
+
+
+@pytest.fixture
+def tiny_evaluators():
+    return build_tiny_evaluators()
