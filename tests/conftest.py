@@ -20,6 +20,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DIFFUNLEARN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and leave the other core to the rest of the suite."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_tiny_model(seed: int = 0):
     import torch
 

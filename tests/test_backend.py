@@ -24,12 +24,7 @@ from diffunlearn.registry import UnknownNameError
 PROMPT = "an image of circle in striped style"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def probe_inputs(model: T2IModel, n: int = 2):

@@ -16,12 +16,7 @@ from diffunlearn.engine.loop import LoopConfig, StopRequested, lr_factor, run_lo
 PROMPTS = [canvas.full_prompt("striped", "circle"), canvas.object_prompt("ring")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def setup_model(group: str):

@@ -104,6 +104,7 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
         result = run_loop(params, method.step, loop_cfg, checkpoint_dir=out / "checkpoint",
                           extra_state=method.extra_state, load_extra_state=method.load_extra_state)
         write_curves(out / "curves.csv", result.curves)
+        model.meta.update(forget=task.forget, method=resolved.method, run_id=resolved.run_id)
         model.save_pretrained(out / "model", changed_only=True)
         model.path = out / "model"
 

@@ -28,6 +28,7 @@ pretrain_app = typer.Typer(help="Train the shipped testbed (model or evaluator c
 app.add_typer(pretrain_app, name="pretrain")
 
 USER_ERRORS = (ConfigError, TaskError, ModelDirError, UnknownNameError, RunDirError, FileNotFoundError)
+# CheckpointError (engine/checkpoint.py) imports torch, so it is matched by name in guarded().
 T = TypeVar("T")
 
 
@@ -41,7 +42,11 @@ def guarded(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except USER_ERRORS as err:
-        fail(str(err).strip("'\""))
+        fail(str(err))
+    except ValueError as err:
+        if type(err).__name__ != "CheckpointError":
+            raise
+        fail(str(err))
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
         raise typer.Exit(130) from None
@@ -164,6 +169,14 @@ def demo(
     typer.echo(f"report: {report}")
 
 
+def load_recipe(model_cls, default_name: str, config: Path | None, overrides: list[str] | None):
+    """A pretraining recipe: the committed YAML (or --config) with key=value overrides, validated."""
+    from diffunlearn.config import CONFIG_DIR, apply_overrides, build, load_yaml
+
+    return guarded(lambda: build(model_cls, apply_overrides(load_yaml(config or CONFIG_DIR / default_name),
+                                                            overrides or [])))
+
+
 @pretrain_app.command("model")
 def pretrain_model(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path("runs/pretrain-model"),
@@ -173,10 +186,9 @@ def pretrain_model(
     overrides: OverridesArg = None,
 ) -> None:
     """Train the testbed text-to-image model (UNet + text encoder) from the committed recipe."""
-    from diffunlearn.config import CONFIG_DIR, PretrainModelConfig, apply_overrides, build, load_yaml
+    from diffunlearn.config import PretrainModelConfig
 
-    cfg = guarded(lambda: build(PretrainModelConfig, apply_overrides(
-        load_yaml(config or CONFIG_DIR / "pretrain-model.yaml"), overrides or [])))
+    cfg = load_recipe(PretrainModelConfig, "pretrain-model.yaml", config, overrides)
     from diffunlearn.pretrain import install_assets
     from diffunlearn.pretrain import pretrain_model as train
     from diffunlearn.runs import ASSETS
@@ -196,10 +208,9 @@ def pretrain_evaluators(
     overrides: OverridesArg = None,
 ) -> None:
     """Train the style and object evaluator classifiers on real canvas images."""
-    from diffunlearn.config import CONFIG_DIR, PretrainEvaluatorConfig, apply_overrides, build, load_yaml
+    from diffunlearn.config import PretrainEvaluatorConfig
 
-    cfg = guarded(lambda: build(PretrainEvaluatorConfig, apply_overrides(
-        load_yaml(config or CONFIG_DIR / "pretrain-evaluators.yaml"), overrides or [])))
+    cfg = load_recipe(PretrainEvaluatorConfig, "pretrain-evaluators.yaml", config, overrides)
     from diffunlearn.pretrain import install_assets
     from diffunlearn.pretrain import pretrain_evaluators as train
     from diffunlearn.runs import ASSETS

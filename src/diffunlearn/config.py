@@ -191,6 +191,8 @@ class PretrainTrain(StrictModel):
     schedule: Literal["constant", "cosine"] = "cosine"
     ema_decay: float = 0.999
     grad_clip: float = 1.0
+    min_snr_gamma: float | None = Field(5.0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); "
+                                        "null: the plain epsilon loss")
     bf16: bool = True
     seed: int = 0
     checkpoint_every: int = 500

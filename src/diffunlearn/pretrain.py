@@ -31,6 +31,18 @@ def render_pool(pairs: list[tuple[str, str]], per_pair: int, seed: int, offset: 
     return torch.from_numpy(images), flat_pairs
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Per-timestep weights min(SNR, gamma) / SNR of the epsilon loss (Min-SNR-gamma).
+
+    They damp the low-noise timesteps, whose fine texture detail otherwise dominates the
+    gradient, so the global structure that decides an object's shape is learned sooner.
+    """
+    if gamma is None:
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return torch.clamp(snr, max=gamma) / snr
+
+
 def training_pairs(exclude: list[str]) -> list[tuple[str, str]]:
     return [(s, o) for s in canvas.ALL_STYLES for o in canvas.ALL_OBJECTS if s not in exclude and o not in exclude]
 
@@ -50,6 +62,7 @@ def pretrain_model(cfg: PretrainModelConfig, out: Path, threads: int | None = No
     params = {f"unet.{n}": p for n, p in unet.named_parameters()}
     params |= {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()}
     tokenized: dict[str, torch.Tensor] = {}
+    snr_weights = min_snr_weights(model.alphas_cumprod, cfg.train.min_snr_gamma)
 
     def tokens(prompts: list[str]) -> torch.Tensor:
         for p in prompts:
@@ -67,7 +80,8 @@ def pretrain_model(cfg: PretrainModelConfig, out: Path, threads: int | None = No
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
             cond = text_encoder(tokens(prompts))[0]
             pred = unet(model.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred.float(), noise)
+        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * snr_weights[t]).mean()
         loss.backward()
         return {"loss": loss.item()}
 
@@ -161,6 +175,9 @@ def install_assets(model_dir: Path | None, evaluator_dir: Path | None, assets: P
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint", "*.tmp"))
+        for record in ("pretrain-config.yaml", "pretrain-curves.csv", "evaluator-curves.csv"):
+            if (src.parent / record).exists():  # the recipe and curves that produced it
+                shutil.copy(src.parent / record, dst / record)
         files = sorted(p for p in dst.rglob("*") if p.is_file())
         manifest[name] = {str(p.relative_to(dst)): hash_files([p]) for p in files}
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))

@@ -149,10 +149,18 @@ def resolve_erase(method: str | None, forget: list[str] | None = None, retain: l
     validate_concepts(task.forget, task.retain)
     validate_anchor_scheme(task.anchor_scheme)
     eval_cfg = build(EvalConfig, data.get("eval") or {}, "eval.")
+    check_evaluators(eval_cfg)
     seed = data.get("seed", 0)
     if not isinstance(seed, int):
         raise ConfigError(f"bad value for 'seed': expected an integer, got {seed!r}")
     return ResolvedRun(name, method_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir), seed)
+
+
+def check_evaluators(eval_cfg: EvalConfig) -> None:
+    folder = Path(eval_cfg.evaluators) if eval_cfg.evaluators else ASSETS / "evaluators"
+    if eval_cfg.enabled and not (folder / "config.json").is_file():
+        raise ConfigError(f"no evaluator classifiers in {folder}; run `diffunlearn pretrain evaluators --install` "
+                          "or set eval.evaluators=DIR (or eval.enabled=false)")
 
 
 def prepare_run_dir(out: Path, run_id: str, kind: str) -> str:

@@ -21,6 +21,7 @@ from diffunlearn.backends.base import PARAM_GROUPS
 from diffunlearn.backends.model_dir import (
     META_FILE,
     UNET_WEIGHTS,
+    ModelDirError,
     check_model_dir,
     model_content_hash,
     read_meta,
@@ -199,10 +200,14 @@ class T2IModel:
 
         path = Path(path)
         meta = check_model_dir(path)
+        _quiet_hub_progress()
         if meta.get("base"):
             base_path = Path(meta["base"]["path"])
             base_path = base_path if base_path.is_absolute() else (path / base_path).resolve()
             model = cls.from_pretrained(base_path, device)
+            if model.content_hash() != meta["base"]["hash"]:
+                raise ModelDirError(f"{path} was trained from a base model with hash {meta['base']['hash']}, "
+                                    f"but {base_path} now has hash {model.content_hash()}")
             changed = load_file(str(path / UNET_WEIGHTS), device=str(model.device))
             missing = set(changed) - set(dict(model.unet.named_parameters()))
             if missing:
@@ -430,6 +435,15 @@ class T2IModel:
             if stop_at is not None and i + 1 < len(timesteps) and timesteps[i + 1] <= stop_at:
                 return x
         return x
+
+
+def _quiet_hub_progress() -> None:
+    """Loading a few-MB local model needs no 'Loading weights' bars from transformers/diffusers."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def _diffusers_version() -> str:

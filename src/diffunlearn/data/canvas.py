@@ -150,7 +150,7 @@ def render(style: str, obj: str, index: int, seed: int = 0, size: int = 16) -> S
     rng = _rng(seed, style, obj, index)
     scale = size / 16.0
     cx, cy = rng.uniform(6.5, 9.5, size=2) * scale
-    radius = rng.uniform(3.6, 5.0) * scale
+    radius = rng.uniform(4.2, 5.6) * scale  # 8-11 px across: small shapes stay distinct
     theta = rng.uniform(-0.17, 0.17)  # about +-10 degrees: a square must not become a diamond
     ss = 4  # supersampling for anti-aliased edges
     fine = (np.arange(size * ss) + 0.5) / ss - 0.5

@@ -60,10 +60,18 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], i
             old.unlink()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message says which and what to do."""
+
+
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The latest complete checkpoint in `folder`, or None."""
+    """The latest complete checkpoint in `folder`, or None; CheckpointError if it is corrupt."""
     pointer = folder / POINTER
     if not pointer.exists():
         return None
-    info = json.loads(pointer.read_text())
-    return load_file(str(folder / info["file"])), info
+    try:
+        info = json.loads(pointer.read_text())
+        return load_file(str(folder / info["file"])), info
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"corrupt checkpoint in {folder} ({type(err).__name__}); "
+                              "delete that folder to restart the run from scratch") from None

@@ -86,7 +86,8 @@ def _check_forget(forget: Sequence[str]) -> list[str]:
 
 def _check_alternatives(forget: list[str], alternatives: Mapping[str, Sequence[str]] | None
                         ) -> dict[str, tuple[str, ...]]:
-    """Alternatives are classified by the forget concept's classifier, so same domain only."""
+    """Alternatives are classified by the forget concept's classifier, so same domain only.
+    An alternative may itself be forgotten: CORE's derangement maps forget concepts onto each other."""
     out: dict[str, tuple[str, ...]] = {}
     for concept, alts in (alternatives or {}).items():
         if concept not in forget:
@@ -97,8 +98,6 @@ def _check_alternatives(forget: list[str], alternatives: Mapping[str, Sequence[s
                 raise ValueError(f"unknown alternative concept '{alt}' for '{concept}'")
             if canvas.concept_domain(alt) != canvas.concept_domain(concept):
                 raise ValueError(f"alternative '{alt}' is not in the domain of '{concept}'")
-            if alt in forget:
-                raise ValueError(f"alternative '{alt}' for '{concept}' is itself forgotten")
         out[concept] = alts
     return out
 

@@ -1,0 +1,71 @@
+"""Measure candidate `testbed` profiles: each method forgets one style (and one object) on the
+shipped model over a small grid of learning rates and step counts; prints a markdown table
+of UA / IRA / CRA / SFID / Total and training time, and the best setting per method by Total.
+
+    python benchmarks/testbed_profiles.py --methods core,esd --out runs/profiles
+
+The chosen settings are written into each method's `profiles["testbed"]`, and the table
+into docs/testbed-profiles.md, by hand: a profile is a decision, this script its evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import diffunlearn
+
+GRID = {
+    "finetune": {"method.lr": [1e-4, 3e-4], "method.steps": [100, 300]},
+    "neggrad": {"method.lr": [2e-5, 5e-5], "method.steps": [20, 60]},
+    "esd": {"method.lr": [3e-4, 1e-3], "method.steps": [100, 200]},
+    "core": {"method.lr": [3e-4, 1e-3], "method.epochs": [20, 40]},
+    "dimum": {"method.lr": [1e-4, 3e-4], "method.steps": [150, 300]},
+}
+FAST_EVAL = ["eval.images_per_prompt=2", "eval.partial_images=8", "eval.bootstrap=200"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(GRID))
+    parser.add_argument("--concepts", default="dotted,circle")
+    parser.add_argument("--out", type=Path, default=Path("runs/profiles"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    rows = []
+    for method in args.methods.split(","):
+        keys, values = zip(*GRID[method].items(), strict=True)
+        for combo in itertools.product(*values):
+            overrides = [f"{k}={v}" for k, v in zip(keys, combo, strict=True)] + FAST_EVAL
+            for concept in args.concepts.split(","):
+                tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in zip(keys, combo, strict=True))
+                run = diffunlearn.erase(method, [concept], out=args.out / f"{method}-{concept}-{tag}",
+                                        overrides=overrides, threads=args.threads, progress=False)
+                after = run.metrics["after"]
+                rows.append({"method": method, "concept": concept, "setting": " ".join(overrides[: len(keys)]),
+                             **{k: after[k] for k in ("UA", "UA_partial", "IRA", "CRA", "SFID", "Total")},
+                             "seconds": run.metrics["cost"]["train_seconds"]})
+                print(json.dumps(rows[-1]), flush=True)
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| method | concept | setting | UA | UA partial | IRA | CRA | SFID | Total | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['concept']} | {r['setting']} | {r['UA']:.1f} | {r['UA_partial']:.1f} | "
+              f"{r['IRA']:.1f} | {r['CRA']:.1f} | {r['SFID']:.1f} | {r['Total']:.1f} | {r['seconds']:.0f} |")
+    best: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        best.setdefault((r["method"], r["setting"]), []).append(r["Total"])
+    print("\nbest setting per method (mean Total over concepts):")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        scored = {s: sum(v) / len(v) for (m, s), v in best.items() if m == method}
+        setting = max(scored, key=scored.get)
+        print(f"  {method}: {setting} (Total {scored[setting]:.1f})")
+
+
+if __name__ == "__main__":
+    main()
