@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import diffunlearn
+from diffunlearn.data.canvas import STYLES
 
 GRID = {
     "finetune": {"method.lr": [1e-4, 3e-4], "method.steps": [100, 300]},
@@ -23,32 +24,69 @@ GRID = {
     "esd": {"method.lr": [3e-4, 1e-3], "method.steps": [100, 200]},
     "core": {"method.lr": [3e-4, 1e-3], "method.epochs": [20, 40]},
     "dimum": {"method.lr": [1e-4, 3e-4], "method.steps": [150, 300]},
+    "sfront": {"method.lr": [2e-5, 5e-5], "method.steps": [50, 150]},
+    "salun": {"method.lr": [3e-4, 1e-3], "method.epochs": [20, 40]},
 }
 FAST_EVAL = ["eval.images_per_prompt=2", "eval.partial_images=8", "eval.bootstrap=200"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(GRID))
+    parser.add_argument("--methods", default="all", help="comma-separated, or 'all' registered methods")
+    parser.add_argument("--no-grid", action="store_true", help="only the current testbed profiles")
     parser.add_argument("--concepts", default="dotted,circle")
     parser.add_argument("--out", type=Path, default=Path("runs/profiles"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    from diffunlearn.methods import methods
+
     rows = []
-    for method in args.methods.split(","):
-        keys, values = zip(*GRID[method].items(), strict=True)
-        for combo in itertools.product(*values):
+    for method in methods.names() if args.methods == "all" else args.methods.split(","):
+        for concept in args.concepts.split(","):
+            run = diffunlearn.erase(method, [concept], out=args.out / f"{method}-{concept}-default",
+                                    overrides=FAST_EVAL, threads=args.threads, progress=False)
+            rows.append(summary(method, concept, "testbed profile", run, is_default=True))
+            print(json.dumps(rows[-1]), flush=True)
+        grid = {} if args.no_grid else GRID.get(method, {})
+        keys, values = zip(*grid.items(), strict=True) if grid else ((), ())
+        for combo in itertools.product(*values) if keys else []:
             overrides = [f"{k}={v}" for k, v in zip(keys, combo, strict=True)] + FAST_EVAL
             for concept in args.concepts.split(","):
                 tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in zip(keys, combo, strict=True))
                 run = diffunlearn.erase(method, [concept], out=args.out / f"{method}-{concept}-{tag}",
                                         overrides=overrides, threads=args.threads, progress=False)
-                after = run.metrics["after"]
-                rows.append({"method": method, "concept": concept, "setting": " ".join(overrides[: len(keys)]),
-                             **{k: after[k] for k in ("UA", "UA_partial", "IRA", "CRA", "SFID", "Total")},
-                             "seconds": run.metrics["cost"]["train_seconds"]})
+                rows.append(summary(method, concept, " ".join(overrides[: len(keys)]), run))
                 print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
+    print("\nREADME methods table:\n")
+    print(methods_table(rows))
+
+
+def methods_table(rows: list[dict]) -> str:
+    """Name, paper, what it trains, testbed defaults and the measured forgetting of one style."""
+    from diffunlearn.methods import methods
+
+    style = [r for r in rows if r["concept"] in STYLES]
+    lines = ["| method | paper | trains | testbed defaults | UA | IRA | CRA | SFID | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in methods.names():
+        cls = methods.get(name)
+        defaults = ", ".join(f"{k}={v}" for k, v in cls.profiles["testbed"].items() if k != "param_group")
+        mine = [r for r in style if r["method"] == name and r["is_default"]]
+        if mine:
+            r = mine[0]
+            result = f"{r['UA']:.0f} | {r['IRA']:.0f} | {r['CRA']:.0f} | {r['SFID']:.0f} | {r['seconds']:.0f}"
+        else:
+            result = "- | - | - | - | -"
+        lines.append(f"| `{name}` | {cls.paper} | {cls.trains} | {defaults} | {result} |")
+    return "\n".join(lines)
+
+
+def summary(method: str, concept: str, setting: str, run, is_default: bool = False) -> dict:
+    after = run.metrics["after"]
+    return {"method": method, "concept": concept, "setting": setting, "is_default": is_default,
+            **{k: after[k] for k in ("UA", "UA_partial", "IRA", "CRA", "SFID", "Total")},
+            "seconds": run.metrics["cost"]["train_seconds"]}
 
 
 def print_table(rows: list[dict]) -> None:

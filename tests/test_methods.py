@@ -11,14 +11,19 @@ from diffunlearn.engine.loop import LoopConfig, run_loop
 from diffunlearn.methods import methods
 from diffunlearn.runs import resolve_erase
 
+# a few steps of work for each method on the tiny model
+SMOKE = {"retrain": ["method.pretrain_steps=2", "method.pretrain_images_per_pair=1"],
+         "salun": ["method.mask_batches=1"], "erasediff": ["method.inner_steps=1"],
+         "sdd": ["method.generation_steps=3"]}
+
 
 @pytest.mark.parametrize("name", methods.names())
 def test_every_method_trains_only_its_group_and_round_trips(name, tiny_model_dir, tmp_path):
     from diffunlearn.backends.diffusers_t2i import T2IModel
 
+    steps = [] if methods.get(name).closed_form else ["method.steps=3", "method.epochs=null"]
     resolved = resolve_erase(name, ["dotted"], model=tiny_model_dir,
-                             overrides=["method.steps=3", "method.epochs=null", "method.batch_size=2",
-                                        "task.images_per_pair=1"])
+                             overrides=[*steps, "method.batch_size=2", "task.images_per_pair=1", *SMOKE.get(name, [])])
     assert resolved.profile == "testbed"  # built by build_testbed, so a testbed-kind model
     model = T2IModel.from_pretrained(tiny_model_dir)
     task = UnlearningTask.create(["dotted"], images_per_pair=1)
@@ -26,16 +31,20 @@ def test_every_method_trains_only_its_group_and_round_trips(name, tiny_model_dir
     before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
     params = model.set_trainable(method.param_group())
     method.setup()
-    cfg = LoopConfig(steps=method.resolved_steps(), lr=1e-2, progress=False)
-    result = run_loop(params, method.step, cfg)
-    assert result.curves and all(torch.isfinite(torch.tensor(r["loss"])) for r in result.curves)
+    if method.closed_form:
+        logs = method.apply_closed_form()
+        assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    else:
+        cfg = LoopConfig(steps=method.resolved_steps(), lr=1e-2, progress=False)
+        result = run_loop(params, method.step, cfg)
+        assert result.curves and all(torch.isfinite(torch.tensor(r["loss"])) for r in result.curves)
 
     after = dict(model.unet.named_parameters())
     changed = {n for n in after if not torch.equal(after[n], before[n])}
     assert changed, "no weight moved"
     assert changed <= set(params), f"weights outside {method.param_group()} changed"
 
-    model.save_pretrained(tmp_path / "model", changed_only=True)
+    model.save_pretrained(tmp_path / "model", changed_only=not getattr(method, "full_model", False))
     reloaded = T2IModel.from_pretrained(tmp_path / "model")
     for n, p in reloaded.unet.named_parameters():
         assert torch.equal(p, after[n]), n
@@ -86,3 +95,122 @@ def test_core_ablations_are_configurations(tiny_model_dir):
     assert terms["teacher"].target == "teacher" and terms["teacher"].target_prompt == "anchor"
     assert terms["student-sg"].target == "student-sg"
     assert terms["ascent"].weight == -1.0 and terms["ascent"].target == "gaussian"
+
+
+def test_salun_mask_keeps_the_configured_fraction_of_the_most_salient_weights(tiny_model):
+    from diffunlearn.methods.salun import saliency_mask
+
+    task = UnlearningTask.create(["dotted"], images_per_pair=1)
+    tiny_model.set_trainable("xattn")
+    mask = saliency_mask(tiny_model, task, batch_size=2, batches=2, fraction=0.3, seed=0)
+    total = sum(m.numel() for m in mask.values())
+    kept = sum(float(m.sum()) for m in mask.values())
+    assert kept == round(0.3 * total)
+    assert set(mask) == {n for n, _ in tiny_model.named_trainable()}
+    again = saliency_mask(tiny_model, task, batch_size=2, batches=2, fraction=0.3, seed=0)
+    assert all(torch.equal(mask[n], again[n]) for n in mask)
+
+
+def test_salun_moves_only_masked_weights(tiny_model_dir):
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+
+    resolved = resolve_erase("salun", ["dotted"], model=tiny_model_dir,
+                             overrides=["method.epochs=null", "method.steps=2", "method.batch_size=2",
+                                        "method.mask_batches=1", "method.param_group=xattn"])
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    method = methods.get("salun")(resolved.method_config, model, UnlearningTask.create(["dotted"], images_per_pair=1))
+    params = model.set_trainable("xattn")
+    before = {n: p.detach().clone() for n, p in params.items()}
+    method.setup()
+    run_loop(params, method.step, LoopConfig(steps=2, lr=1e-2, optimizer="sgd", progress=False))
+    for n, p in params.items():
+        moved = p.detach() != before[n]
+        assert not (moved & (method.mask[n] == 0)).any(), n
+
+
+def test_erasediff_lambda_on_a_hand_computable_case():
+    from diffunlearn.methods.erasediff import lambda_t
+
+    grad_r = torch.tensor([1.0, 0.0])
+    grad_g = torch.tensor([0.0, 2.0])  # orthogonal: lambda = eta_a
+    assert lambda_t(grad_r, grad_g, "paper", 0.1) == pytest.approx(0.1)
+    grad_g = torch.tensor([-2.0, 0.0])  # opposed: grad_g . grad_r = -2, ||grad_g||^2 = 4
+    assert lambda_t(grad_r, grad_g, "paper", 0.1) == pytest.approx(0.1 + 0.5)
+    grad_g = torch.tensor([4.0, 0.0])  # aligned and large: (0.1*16 - 4) / 16 < 0 -> 0
+    assert lambda_t(grad_r, grad_g, "paper", 0.1) == 0.0
+    assert lambda_t(grad_r, torch.tensor([1.0, 1.0]), "cos", 0.9) == pytest.approx(0.9 - 2**-0.5)
+    assert lambda_t(grad_r, grad_g, "fixed", 0.1) == 0.1
+
+
+def test_erasediff_step_follows_retain_plus_lambda_forget(tiny_model_dir):
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+    from diffunlearn.engine.loop import step_generator
+
+    resolved = resolve_erase("erasediff", ["dotted"], model=tiny_model_dir,
+                             overrides=["method.batch_size=2", "method.param_group=xattn-kv"])
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    method = methods.get("erasediff")(resolved.method_config, model, UnlearningTask.create(["dotted"],
+                                                                                          images_per_pair=1))
+    model.set_trainable("xattn-kv")
+    logs = method.step(0, step_generator(0, 0))
+    assert logs["lambda_t"] >= 0 and logs["g"] > 0  # K descent steps on L_f lower it
+    assert -1 <= logs["cos_update_retain"] <= 1 and -1 <= logs["cos_update_forget"] <= 1
+    assert all(p.grad is not None for _, p in model.named_trainable())
+
+
+def test_uce_closed_form_matches_a_direct_least_squares_solve():
+    from diffunlearn.methods.uce import uce_solution
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    erase = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    targets = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    preserve = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    lamb, s_e, s_p = 0.5, 1.5, 0.7
+    got = uce_solution(weight, erase, targets, preserve, lamb, s_e, s_p)
+    # min lamb ||W' - W||^2 + s_e sum ||W' c_i - v_i||^2 + s_p sum ||W' c_j - W c_j||^2, as stacked rows
+    design = torch.cat([lamb**0.5 * torch.eye(5, dtype=torch.float64), s_e**0.5 * erase, s_p**0.5 * preserve])
+    wanted = torch.cat([lamb**0.5 * weight.T, s_e**0.5 * targets.T, s_p**0.5 * (weight @ preserve.T).T])
+    direct = torch.linalg.lstsq(design, wanted).solution.T
+    torch.testing.assert_close(got, direct)
+
+
+def test_uce_maps_the_concept_onto_its_guide(tiny_model_dir):
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+    from diffunlearn.methods.uce import last_token_embeddings
+
+    resolved = resolve_erase("uce", ["dotted"], model=tiny_model_dir, overrides=["method.lamb=1e-4",
+                                                                                 "method.preserve_scale=0"])
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    method = methods.get("uce")(resolved.method_config, model, UnlearningTask.create(["dotted"]))
+    c, guide = last_token_embeddings(model, ["dotted"]), last_token_embeddings(model, ["pattern"])
+    _, to_k, _ = model.xattn_kv_layers()[0]
+    target = (to_k.weight @ guide.T).detach().clone()
+    model.set_trainable("xattn-kv")
+    method.apply_closed_form()
+    torch.testing.assert_close(to_k.weight @ c.T, target, rtol=1e-2, atol=1e-3)
+
+
+def test_esd_data_free_trains_on_states_sampled_by_the_frozen_model(tiny_model_dir, monkeypatch):
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+    from diffunlearn.engine.loop import step_generator
+
+    resolved = resolve_erase("esd", ["dotted"], model=tiny_model_dir,
+                             overrides=["method.mode=data-free", "method.generation_steps=4", "method.batch_size=2"])
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    method = methods.get("esd")(resolved.method_config, model, UnlearningTask.create(["dotted"], images_per_pair=1))
+    model.set_trainable("xattn")
+    calls = []
+    original = T2IModel.sample
+
+    def spy(self, prompts, seeds, **kwargs):
+        calls.append((list(prompts), kwargs))
+        return original(self, prompts, seeds, **kwargs)
+
+    monkeypatch.setattr(T2IModel, "sample", spy)
+    logs = method.step(0, step_generator(0, 0))
+    assert logs["loss"] > 0
+    (prompts, kwargs), = calls
+    assert all("dotted" in p for p in prompts)
+    assert kwargs["stop_at"] is not None and kwargs["steps"] == 4 and kwargs["guidance"] == 3.0
+    assert set(kwargs["params"]) == set(model.teacher_params())  # sampled by the frozen original

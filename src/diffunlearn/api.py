@@ -90,7 +90,7 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
                  method.param_group(), resolved.run_id)
 
         evaluators = load_evaluators(resolved.eval.evaluators) if resolved.eval.enabled else None
-        alternatives = task.anchor_map if method_cls.uses_anchor else None
+        alternatives = task.anchor_map if method.uses_anchor else None
         before = _evaluate_cached(model, evaluators, task.forget, resolved, alternatives, progress)
 
         params = model.set_trainable(method.param_group())
@@ -101,11 +101,14 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
                               log_every=c.log_every, checkpoint_every=c.checkpoint_every, progress=progress,
                               description=f"erase ({resolved.method})")
         rss_before = _peak_rss_mb()
-        result = run_loop(params, method.step, loop_cfg, checkpoint_dir=out / "checkpoint",
-                          extra_state=method.extra_state, load_extra_state=method.load_extra_state)
+        if method.closed_form:
+            result = _closed_form(method)
+        else:
+            result = run_loop(params, method.step, loop_cfg, checkpoint_dir=out / "checkpoint",
+                              extra_state=method.extra_state, load_extra_state=method.load_extra_state)
         write_curves(out / "curves.csv", result.curves)
         model.meta.update(forget=task.forget, method=resolved.method, run_id=resolved.run_id)
-        model.save_pretrained(out / "model", changed_only=True)
+        model.save_pretrained(out / "model", changed_only=not getattr(method, "full_model", False))
         model.path = out / "model"
 
         metrics: dict[str, Any] = {"run_id": resolved.run_id, "method": resolved.method, "forget": task.forget,
@@ -168,6 +171,14 @@ def evaluate(model: str | Path | None = None, forget: list[str] | None = None, o
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "evaluation.json", metrics)
     return metrics
+
+
+def _closed_form(method):
+    from diffunlearn.engine.loop import LoopResult
+
+    start = time.perf_counter()
+    logs = method.apply_closed_form()
+    return LoopResult(steps=0, curves=[{"step": 0, **logs}], hook_rows=[], seconds=time.perf_counter() - start)
 
 
 # ---- evaluation helpers ----------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Almost every fine-tuning unlearning method is a weighted sum of
 `lambda * E || eps_theta(x_t, t, c) - y ||` where each term chooses
-(a) where images come from: D_f (concept erasing), D_r, or the anchor concept's images
-    paired with forget prompts (image relabelling, DiMUM's D_u');
+(a) where images come from: D_f (concept erasing), D_r, the anchor concept's images
+    paired with forget prompts (image relabelling, DiMUM's D_u'), or no images at all:
+    x_t generated from the forget prompts and stopped at a random step (ESD data-free, SDD);
 (b) the prompt that conditions the trainable model;
 (c) the target y: Gaussian eps, uniform noise, the frozen teacher eps_star(x_t, c'), the
     trainable model under stop-gradient, or ESD's guided target
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
     from diffunlearn.backends.base import Backend
 
-ImageSource = Literal["forget", "retain", "anchor"]
+ImageSource = Literal["forget", "retain", "anchor", "generated"]
 PromptKind = Literal["forget", "anchor", "retain", "empty"]
 TargetKind = Literal["gaussian", "uniform", "teacher", "student-sg", "esd"]
 
@@ -45,16 +46,23 @@ class Term:
     weight: float = 1.0
     eta: float = 1.0  # ESD's negative guidance (the official code's g = eta + 1)
     norm: Literal["squared", "l2"] = "squared"  # l2: unsquared per-sample norm (AdvAnchor, [001] eq. 11)
+    generation_steps: int = 50  # images="generated": DDIM steps of the sampler (ESD: 50)
+    generation_guidance: float = 3.0  # images="generated": its guidance scale (ESD: 3)
+    generator: Literal["teacher", "student"] = "teacher"  # images="generated": which weights sample
 
 
 @dataclass
 class TermBatch:
     """A term's sampled images, prompts and noise for one step."""
 
-    x0: torch.Tensor
-    noise: torch.Tensor
+    x0: torch.Tensor | None
+    noise: torch.Tensor | None
     t: torch.Tensor
     prompts: dict[str, list[str]]  # prompt kind -> one prompt per image
+    x_t: torch.Tensor | None = None  # set for generated batches, which have no x0 or noise
+
+    def noisy(self, backend: Backend) -> torch.Tensor:
+        return self.x_t if self.x_t is not None else backend.add_noise(self.x0, self.noise, self.t)
 
 
 def sample_items(task: UnlearningTask, source: ImageSource, n: int, gen: torch.Generator):
@@ -96,12 +104,34 @@ def draw_batch(backend: Backend, task: UnlearningTask, source: ImageSource, n: i
     return TermBatch(x0, noise, t, prompts)
 
 
+def generate_batch(backend: Backend, term: Term, task: UnlearningTask, n: int, gen: torch.Generator) -> TermBatch:
+    """x_t sampled from the forget prompts and stopped at a random DDIM step, as the official
+    ESD code does (data-free) and SDD does with the student."""
+    import torch
+
+    _, prompts = sample_items(task, "forget", n, gen)
+    timesteps = backend.ddim_timesteps(term.generation_steps)
+    t_stop = timesteps[int(torch.randint(1, len(timesteps), (1,), generator=gen))]
+    seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
+    params = backend.teacher_params() if term.generator == "teacher" else None
+    x_t = backend.sample(prompts["forget"], seeds, steps=term.generation_steps, guidance=term.generation_guidance,
+                         stop_at=t_stop, params=params or None)
+    t = torch.full((n,), t_stop, dtype=torch.long, device=x_t.device)
+    return TermBatch(None, None, t, prompts, x_t=x_t)
+
+
+def make_batch(backend: Backend, task: UnlearningTask, term: Term, n: int, gen: torch.Generator) -> TermBatch:
+    if term.images == "generated":
+        return generate_batch(backend, term, task, n, gen)
+    return draw_batch(backend, task, term.images, n, gen)
+
+
 def term_losses(terms: list[Term], backend: Backend, batches: list[TermBatch],
                 gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Each term's unweighted loss, with one trainable and one frozen batched forward."""
     import torch
 
-    x_ts = [backend.add_noise(b.x0, b.noise, b.t) for b in batches]
+    x_ts = [b.noisy(backend) for b in batches]
     student = _batched(backend.eps, [(x, b.t, b.prompts[term.prompt]) for term, x, b in zip(terms, x_ts, batches,
                                                                                               strict=True)], backend)
     frozen_requests, sg_requests = [], []
@@ -119,9 +149,11 @@ def term_losses(terms: list[Term], backend: Backend, batches: list[TermBatch],
     losses = {}
     for term, pred, b in zip(terms, student, batches, strict=True):
         if term.target == "gaussian":
+            if b.noise is None:
+                raise ValueError(f"term '{term.name}': a Gaussian target needs images, not generated x_t")
             target = b.noise
         elif term.target == "uniform":
-            target = torch.rand(b.noise.shape, generator=gen).to(b.noise.device)
+            target = torch.rand(pred.shape, generator=gen).to(pred.device)
         elif term.target == "teacher":
             target = next(frozen)
         elif term.target == "esd":
@@ -148,7 +180,7 @@ def _batched(fn, requests: list[tuple[torch.Tensor, torch.Tensor, list[str]]], b
 def compute_loss(terms: list[Term], backend: Backend, task: UnlearningTask, batch_size: int,
                  gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of `terms` on freshly drawn batches, and each term's value for the curves."""
-    batches = [draw_batch(backend, task, term.images, batch_size, gen) for term in terms]
+    batches = [make_batch(backend, task, term, batch_size, gen) for term in terms]
     losses = term_losses(terms, backend, batches, gen)
     total = sum(term.weight * losses[term.name] for term in terms)
     logs = {f"loss_{name}": float(v.detach()) for name, v in losses.items()}

@@ -48,14 +48,20 @@ def training_pairs(exclude: list[str]) -> list[tuple[str, str]]:
 
 
 def pretrain_model(cfg: PretrainModelConfig, out: Path, threads: int | None = None,
-                   progress: bool = True) -> T2IModel:
-    """Train the testbed model (UNet and text encoder jointly); resumable from `out/checkpoint`."""
+                   progress: bool = True, like: T2IModel | None = None) -> T2IModel:
+    """Train the testbed model (UNet and text encoder jointly); resumable from `out/checkpoint`.
+
+    `like`: train a fresh model of that model's architecture instead of `cfg.arch` (retrain).
+    """
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
-    model = build_testbed(canvas.vocabulary(), cfg.arch.model_dump())
+    if like is not None:
+        model = like.reinitialized(cfg.train.seed)
+    else:
+        model = build_testbed(canvas.vocabulary(), cfg.arch.model_dump())
     pairs = training_pairs(cfg.data.exclude)
-    pool, pool_pairs = render_pool(pairs, cfg.data.images_per_pair, cfg.data.seed, size=cfg.arch.image_size)
+    pool, pool_pairs = render_pool(pairs, cfg.data.images_per_pair, cfg.data.seed, size=model.image_shape[-1])
     text_encoder, unet = model.text_encoder, model.unet
     text_encoder.requires_grad_(True).train()
     unet.train()
@@ -181,3 +187,20 @@ def install_assets(model_dir: Path | None, evaluator_dir: Path | None, assets: P
         files = sorted(p for p in dst.rglob("*") if p.is_file())
         manifest[name] = {str(p.relative_to(dst)): hash_files([p]) for p in files}
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def generation_quality(model: T2IModel, evaluators: Evaluators, guidance: float | None = None, per_pair: int = 2,
+                       seed: int = 7000) -> dict[str, tuple[float, dict[str, float]]]:
+    """Share of full-prompt generations classified as the prompted concept, per domain:
+    (mean, per-concept) over every (style, object) pair with `per_pair` fixed seeds each."""
+    pairs = [(s, o) for s in canvas.ALL_STYLES for o in canvas.ALL_OBJECTS]
+    prompts = [canvas.full_prompt(s, o) for s, o in pairs for _ in range(per_pair)]
+    images = model.sample(prompts, [seed + i for i in range(len(prompts))], guidance=guidance)
+    out = {}
+    for domain, index in (("style", 0), ("object", 1)):
+        _, names = evaluators.for_domain(domain)
+        pred = evaluators.probabilities(images, domain).argmax(-1)
+        target = torch.tensor([names.index(p[index]) for p in pairs for _ in range(per_pair)])
+        hits = (pred == target).float()
+        out[domain] = (float(hits.mean()), {n: float(hits[target == names.index(n)].mean()) for n in names})
+    return out

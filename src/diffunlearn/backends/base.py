@@ -52,6 +52,11 @@ class Backend(Protocol):
     def teacher_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The frozen original model's prediction, without a second model copy."""
 
+    def teacher_params(self) -> dict[str, torch.Tensor]:
+        """The snapshot of the trained group that `teacher_eps` evaluates."""
+
+    def ddim_timesteps(self, steps: int) -> list[int]: ...
+
     def param_group(self, name: str) -> dict[str, nn.Parameter]: ...
 
     def set_trainable(self, group: str) -> dict[str, nn.Parameter]:

@@ -235,6 +235,25 @@ class T2IModel:
         model.path = path
         return model
 
+    def reinitialized(self, seed: int) -> T2IModel:
+        """A model of the same architecture, tokenizer and schedule with fresh random weights
+        (retraining from scratch: the gold standard of unlearning)."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(self.unet.config)
+        text_encoder = CLIPTextModel(self.text_encoder.config)
+        return T2IModel(unet, text_encoder, self.tokenizer, self.scheduler, vae=self.vae, meta=dict(self.meta),
+                        device=self.device)
+
+    def load_weights_from(self, other: T2IModel) -> None:
+        """Copy every UNet and text-encoder weight of `other` (same architecture) into this model."""
+        with torch.no_grad():
+            self.unet.load_state_dict(other.unet.state_dict())
+            self.text_encoder.load_state_dict(other.text_encoder.state_dict())
+        self._prompt_cache.clear()
+
     def save_pretrained(self, path: str | Path, changed_only: bool = False) -> None:
         """Write a diffusers-layout folder; with `changed_only`, the UNet tensors that differ
         from the teacher snapshot plus a reference (path and hash) to the base model."""

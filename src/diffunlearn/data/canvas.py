@@ -1,7 +1,8 @@
 """Procedural style x object images: the testbed's "canvas" world (TESTBED.md).
 
 A style is a background texture plus a palette; an object is an anti-aliased shape
-filled with the style's foreground colour. Every sample is a pure function of
+filled with its own material colour (or the style's object colour where that would not
+stand out from the background). Every sample is a pure function of
 (seed, style, object, index), so any image can be regenerated without storing it.
 Indices below HELDOUT_OFFSET form the training split, indices from it on the held-out split.
 
@@ -48,6 +49,33 @@ _PALETTES: dict[str, tuple[tuple[float, float, float], ...]] = {
     "solid": ((0.05, 0.1, 0.3), (0.05, 0.1, 0.3), (1.0, 0.9, 0.1)),
     "plain": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), (1.0, 1.0, 1.0)),
 }
+
+
+# An object's own material colour: object identity is shape *and* colour, as for real objects,
+# so it is a global cue that a small model learns as quickly as a style. The deliberately
+# similar circle/ring pair shares one colour, so only the shape tells them apart. Where the
+# colour would not stand out from a style's background, the style's object colour is used.
+_OBJECT_COLOURS: dict[str, tuple[float, float, float]] = {
+    "circle": (0.0, 0.35, 1.0),
+    "ring": (0.0, 0.35, 1.0),
+    "square": (1.0, 0.1, 0.1),
+    "bar": (0.1, 0.8, 0.1),
+    "diamond": (1.0, 0.9, 0.0),
+    "triangle": (0.6, 0.0, 0.8),
+    "cross": (0.0, 0.85, 0.85),
+    "arrow": (1.0, 0.5, 0.0),
+    "crescent": (1.0, 1.0, 1.0),
+    "hourglass": (0.05, 0.05, 0.05),
+}
+MIN_CONTRAST = 0.45  # Euclidean RGB distance to both background colours
+
+
+def object_colour(style: str, obj: str) -> tuple[float, float, float]:
+    """The fill colour of `obj` drawn in `style` (before per-sample jitter)."""
+    bg_a, bg_b, style_fg = _PALETTES[style]
+    own = _OBJECT_COLOURS.get(obj, style_fg)
+    distance = min(float(np.linalg.norm(np.subtract(own, bg))) for bg in (bg_a, bg_b))
+    return own if distance >= MIN_CONTRAST else style_fg
 
 
 def concept_domain(name: str) -> str:
@@ -163,7 +191,8 @@ def render(style: str, obj: str, index: int, seed: int = 0, size: int = 16) -> S
 
     py, px = np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32), indexing="ij")
     tex = _texture(style, px, py, rng)
-    bg_a, bg_b, fg = (np.asarray(c, dtype=np.float32) for c in _PALETTES[style])
+    bg_a, bg_b, _ = (np.asarray(c, dtype=np.float32) for c in _PALETTES[style])
+    fg = np.asarray(object_colour(style, obj), dtype=np.float32)
     jitter = rng.normal(0, 0.04, size=(3, 3)).astype(np.float32)
     bg_a, bg_b, fg = bg_a + jitter[0], bg_b + jitter[1], fg + jitter[2]
     background = bg_a[:, None, None] * (1 - tex) + bg_b[:, None, None] * tex

@@ -39,6 +39,7 @@ class Method:
     paper: ClassVar[str] = ""
     trains: ClassVar[str] = ""
     uses_anchor: ClassVar[bool] = False  # AR_CL is reported only where an alternative concept exists
+    closed_form: ClassVar[bool] = False  # True: apply_closed_form() edits the weights, no loop runs
 
     def __init__(self, cfg: MethodConfig, backend: Backend, task: UnlearningTask):
         self.cfg, self.backend, self.task = cfg, backend, task
@@ -63,6 +64,10 @@ class Method:
         total, logs = compute_loss(self.terms(), self.backend, self.task, self.cfg.batch_size, gen)
         total.backward()
         return logs
+
+    def apply_closed_form(self) -> dict[str, float]:
+        """Closed-form methods (UCE, MACE's refinement) edit the trained group here."""
+        raise NotImplementedError(f"{type(self).__name__} is not a closed-form method")
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Method-owned tensors that a resumed run needs (masks, EMA teachers)."""

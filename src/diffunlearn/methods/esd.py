@@ -4,8 +4,9 @@
 
 The official code (rohitgandikota/erasing) writes the target as
 `eps_star(c_f) - g * (eps_star(c_f) - eps_star(""))`, which is the same with g = eta + 1: its
-default g = 2 is eta = 1. Here x_t comes from the forget images (`data` mode, as [001]);
-the original's data-free mode (x_t sampled by the frozen model) is the methods issue's.
+default g = 2 is eta = 1. x_t comes from the forget images (`data` mode, as [001] and the
+default on the testbed) or, as in the original (`data-free`), from the frozen model sampling
+the forget prompt (guidance 3, 50 DDIM steps) and stopping at a random step.
 Variants choose the trained weights by module name as the official code does: esd-x
 (cross-attention), esd-u (all but cross-attention), esd-all, esd-x-strict (attn2 to_k/to_v).
 """
@@ -25,7 +26,10 @@ VARIANT_GROUPS = {"x": "xattn", "u": "noxattn", "all": "full", "x-strict": "xatt
 class EsdConfig(MethodConfig):
     eta: float = Field(1.0, description="negative guidance strength (official code's g = eta + 1)")
     variant: Literal["x", "u", "all", "x-strict"] = Field("x", description="which weights train")
-    mode: Literal["data"] = Field("data", description="x_t from forget images ([001] eq. 8)")
+    mode: Literal["data", "data-free"] = Field(
+        "data", description="x_t from forget images ([001] eq. 8) or sampled by the frozen model (original ESD)")
+    generation_steps: int = Field(50, ge=2, description="data-free: DDIM steps of the frozen sampler")
+    generation_guidance: float = Field(3.0, description="data-free: its guidance scale")
 
 
 class Esd(Method):
@@ -43,7 +47,9 @@ class Esd(Method):
         return VARIANT_GROUPS[self.cfg.variant]
 
     def terms(self) -> list[Term]:
-        return [Term("esd", images="forget", prompt="forget", target="esd", eta=self.cfg.eta)]
+        images = "forget" if self.cfg.mode == "data" else "generated"
+        return [Term("esd", images=images, prompt="forget", target="esd", eta=self.cfg.eta,
+                     generation_steps=self.cfg.generation_steps, generation_guidance=self.cfg.generation_guidance)]
 
 
 def _preset(preset: str) -> type[Esd]:

@@ -1,0 +1,59 @@
+"""`retrain`: the gold standard. The base model's architecture, trained from scratch by the
+shipped model's own recipe (configs/pretrain-model.yaml) on data without the forget concepts
+([001] §2, [002] Def. 1). It is the reference for UA/IRA and the control for the attacks.
+
+Costly even on the testbed (the full recipe takes about 40 minutes on 2 CPU cores), so
+results are cached per (recipe, architecture, forget set) under the user cache directory,
+and an interrupted retrain resumes from its checkpoint. The result replaces every weight
+(UNet and text encoder), so its run directory holds a full model.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from diffunlearn.methods.base import Method, MethodConfig
+
+
+class RetrainConfig(MethodConfig):
+    pretrain_steps: int | None = Field(None, ge=1, description="override the recipe's step count")
+    pretrain_images_per_pair: int | None = Field(None, ge=1, description="override the recipe's data size")
+
+
+class Retrain(Method):
+    Config = RetrainConfig
+    paper = "[001] §2, [002] Def. 1"
+    trains = "everything, from scratch"
+    closed_form = True
+    full_model = True
+    profiles = {"paper": {"steps": 0, "param_group": "full"}, "testbed": {"steps": 0, "param_group": "full"}}
+
+    def param_group(self) -> str:
+        return "full"
+
+    def recipe(self):
+        from diffunlearn.config import CONFIG_DIR, PretrainModelConfig, load_yaml
+
+        recipe = PretrainModelConfig(**load_yaml(CONFIG_DIR / "pretrain-model.yaml"))
+        recipe.data.exclude = sorted(self.task.forget)
+        if self.cfg.pretrain_steps:
+            recipe.train.steps = self.cfg.pretrain_steps
+        if self.cfg.pretrain_images_per_pair:
+            recipe.data.images_per_pair = self.cfg.pretrain_images_per_pair
+        return recipe
+
+    def apply_closed_form(self) -> dict[str, float]:
+        from diffunlearn.backends.diffusers_t2i import T2IModel
+        from diffunlearn.config import config_hash
+        from diffunlearn.data.tasks import cache_dir
+        from diffunlearn.pretrain import pretrain_model
+
+        recipe = self.recipe()
+        architecture = {"unet": dict(self.backend.unet.config), "text": self.backend.text_encoder.config.to_dict()}
+        folder = cache_dir() / "retrain" / config_hash({"recipe": recipe.model_dump(), "arch": architecture})
+        if (folder / "model" / "diffunlearn.json").exists():
+            trained = T2IModel.from_pretrained(folder / "model")
+        else:
+            trained = pretrain_model(recipe, folder, progress=False, like=self.backend)
+        self.backend.load_weights_from(trained)
+        return {"loss": 0.0, "pretrain_steps": float(recipe.train.steps)}

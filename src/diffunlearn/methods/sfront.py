@@ -1,0 +1,35 @@
+"""`sfront`: gradient ascent on the forget set with a retain term ([002] eq. 5).
+
+    beta * E_{D_r} || eps - eps_theta(x_t, c_r) ||^2  -  E_{D_f} || eps - eps_theta(x_t, c_f) ||^2
+
+The unlearning term is unbounded below, which is why [002] stops it after 1K-2K steps and
+why DiMRA reverses it most easily. The original's remain-geometry enhancement is not
+included (METHODS.md: optional). [002] does not state beta; 1 is used.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from diffunlearn.methods.base import Method, MethodConfig
+from diffunlearn.objectives import Term
+
+
+class SfrontConfig(MethodConfig):
+    beta: float = Field(1.0, ge=0, description="weight of the retain term")
+
+
+class Sfront(Method):
+    Config = SfrontConfig
+    paper = "[002] eq. 5"
+    trains = "full UNet"
+    profiles = {
+        "paper": {"lr": 1e-5, "batch_size": 4, "steps": 1000, "beta": 1.0, "param_group": "full"},
+        "testbed": {"lr": 5e-5, "batch_size": 16, "steps": 100, "beta": 1.0, "param_group": "full"},
+    }
+
+    def terms(self) -> list[Term]:
+        return [
+            Term("retain", images="retain", prompt="retain", target="gaussian", weight=self.cfg.beta),
+            Term("forget", images="forget", prompt="forget", target="gaussian", weight=-1.0),
+        ]

@@ -1,0 +1,95 @@
+"""`uce`: Unified Concept Editing, a closed-form edit of the cross-attention K/V projections
+(Gandikota et al. 2024; as used in [000] and [001]).
+
+For every attn2.to_k / attn2.to_v weight W (out x text_dim), with concept embeddings c_i
+(the text-encoder output at the concept's last word token, the prompt being the concept
+alone, as rohitgandikota/unified-concept-editing `uce_sd_erase.py` does), guide outputs
+v*_i = W_original c_guide(i) and preserved embeddings c_j:
+
+    W' = (lamb W + s_e sum_i v*_i c_i^T + s_p sum_j (W c_j) c_j^T)
+         (lamb I + s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T)^-1
+
+Defaults of the official code: lamb=0.5, erase_scale=1, preserve_scale=1; the guide is the
+empty prompt for objects and "art" for styles, whose testbed equivalents are "" and the
+trained generic style word `pattern`. Preserved concepts default to the task's retain set.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from diffunlearn.data import canvas
+from diffunlearn.methods.base import Method, MethodConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+class UCEConfig(MethodConfig):
+    lamb: float = Field(0.5, ge=0, description="ridge weight keeping W close to the original")
+    erase_scale: float = Field(1.0, ge=0, description="s_e")
+    preserve_scale: float = Field(1.0, ge=0, description="s_p; 0 preserves nothing")
+    guide_style: str = Field("pattern", description="guide concept for styles (official: 'art')")
+    guide_object: str = Field("", description="guide concept for objects (official: the empty prompt)")
+
+
+class UCE(Method):
+    Config = UCEConfig
+    paper = "Gandikota et al. 2024 ([000], [001])"
+    trains = "attn2 to_k / to_v (closed form)"
+    closed_form = True
+    profiles = {
+        "paper": {"steps": 0, "param_group": "xattn-kv", "lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0},
+        "testbed": {"steps": 0, "param_group": "xattn-kv", "lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0},
+    }
+
+    def param_group(self) -> str:
+        return "xattn-kv"
+
+    def guide(self, concept: str) -> str:
+        return self.cfg.guide_style if canvas.concept_domain(concept) == "style" else self.cfg.guide_object
+
+    def apply_closed_form(self) -> dict[str, float]:
+        import torch
+
+        model, cfg = self.backend, self.cfg
+        erase = last_token_embeddings(model, self.task.forget)
+        guide = last_token_embeddings(model, [self.guide(c) for c in self.task.forget])
+        preserve = last_token_embeddings(model, self.task.retain) if cfg.preserve_scale > 0 else None
+        moved = 0.0
+        with torch.no_grad():
+            for _, to_k, to_v in model.xattn_kv_layers():
+                for linear in (to_k, to_v):
+                    new = uce_solution(linear.weight, erase, linear.weight @ guide.T, preserve,
+                                       cfg.lamb, cfg.erase_scale, cfg.preserve_scale)
+                    moved += float((new - linear.weight).norm())
+                    linear.weight.copy_(new)
+        return {"loss": 0.0, "weight_change": moved}
+
+
+def last_token_embeddings(model, prompts: list[str]) -> torch.Tensor:
+    """(n, text_dim): each prompt's text-encoder output at its last token before the end token."""
+    import torch
+
+    rows = []
+    hidden = model.encode(prompts)
+    for i, prompt in enumerate(prompts):
+        ids = model.tokenizer.ids(prompt)[: model.tokenizer.max_length]
+        rows.append(hidden[i, max(len(ids) - 2, 0)])  # ids end with the end-of-text token
+    return torch.stack(rows)
+
+
+def uce_solution(weight: torch.Tensor, erase: torch.Tensor, targets: torch.Tensor, preserve: torch.Tensor | None,
+                 lamb: float, erase_scale: float, preserve_scale: float) -> torch.Tensor:
+    """The closed form above; `targets` (out x n_erase) are the guide outputs v*_i as columns."""
+    import torch
+
+    dim = weight.shape[1]
+    left = lamb * weight + erase_scale * targets @ erase
+    right = lamb * torch.eye(dim, dtype=weight.dtype, device=weight.device) + erase_scale * erase.T @ erase
+    if preserve is not None and len(preserve):
+        left = left + preserve_scale * (weight @ preserve.T) @ preserve
+        right = right + preserve_scale * preserve.T @ preserve
+    return torch.linalg.solve(right, left.T).T  # right is symmetric: W' = left @ right^-1
