@@ -21,3 +21,5 @@ methods.add("ca-model", "diffunlearn.methods.ca:CAModel", "concept ablation onto
 methods.add("ca-noise", "diffunlearn.methods.ca:CANoise", "concept ablation with anchor images and noise target")
 methods.add("retrain", "diffunlearn.methods.retrain:Retrain", "gold standard: retrain without the concepts")
 methods.add("sdd", "diffunlearn.methods.sdd:SDD", "self-distillation onto the EMA's empty-prompt prediction")
+methods.add("shs", "diffunlearn.methods.shs:Shs", "Scissorhands: trim by connection sensitivity, then repair")
+methods.add("advanchor", "diffunlearn.methods.advanchor:AdvAnchor", "adversarial anchors at the concept tokens ([003])")

@@ -114,7 +114,8 @@ class EraseDiff(Method):
         direction = flat_r + lam * flat_f
         for n, piece in zip(names, direction.split([params[n].numel() for n in names]), strict=True):
             params[n].grad = piece.view_as(params[n]).clone()
-        return {"loss": float(loss_r + lam * loss_f), "loss_retain": float(loss_r), "loss_forget": float(loss_f),
+        loss_r, loss_f = float(loss_r.detach()), float(loss_f.detach())
+        return {"loss": loss_r + lam * loss_f, "loss_retain": loss_r, "loss_forget": loss_f,
                 "g": value_g, "lambda_t": float(lam), "cos_update_retain": _cos(direction, flat_r),
                 "cos_update_forget": _cos(direction, flat_f)}
 
