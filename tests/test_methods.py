@@ -14,7 +14,8 @@ from diffunlearn.runs import resolve_erase
 # a few steps of work for each method on the tiny model
 SMOKE = {"retrain": ["method.pretrain_steps=2", "method.pretrain_images_per_pair=1"],
          "salun": ["method.mask_batches=1"], "erasediff": ["method.inner_steps=1"],
-         "sdd": ["method.generation_steps=3"], "advanchor": ["method.max_iters=2"]}
+         "sdd": ["method.generation_steps=3"], "advanchor": ["method.max_iters=2"],
+         "mace": ["method.steps=2"]}
 
 
 @pytest.mark.parametrize("name", methods.names())
@@ -268,3 +269,52 @@ def test_advanchor_perturbs_only_the_concept_token(tiny_model_dir):
     diff = method.anchor_cond([prompt], {"dotted": vector}) - model.encode([prompt])
     changed = (diff.abs().sum(-1) > 0)[0].nonzero().flatten().tolist()
     assert changed == model.token_positions(prompt, "dotted")
+
+
+def test_mace_attention_loss_counts_only_concept_tokens_inside_the_mask():
+    from diffunlearn.methods.mace import attention_in_mask
+
+    probs = torch.zeros(1, 1, 4, 3)  # batch, heads, 2x2 pixels, 3 tokens
+    probs[0, 0, :, 1] = torch.tensor([0.5, 0.5, 0.2, 0.2])
+    probs[0, 0, :, 2] = 0.9  # not a concept token
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # only the first pixel
+    loss = attention_in_mask({"layer": [probs]}, mask, [[1]])
+    assert float(loss) == pytest.approx(0.25)
+
+
+def test_mace_result_is_a_plain_model_with_fused_loras(tiny_model_dir, tmp_path):
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+
+    resolved = resolve_erase("mace", ["circle"], model=tiny_model_dir,
+                             overrides=["method.steps=3", "method.batch_size=2"])
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    method = methods.get("mace")(resolved.method_config, model, UnlearningTask.create(["circle"], images_per_pair=1))
+    names = {n for n, _ in model.unet.named_parameters()}
+    model.set_trainable("xattn-kv")
+    method.setup()
+    method.apply_closed_form()
+    assert {n for n, _ in model.unet.named_parameters()} == names  # adapters removed
+    assert set(model.teacher_params()) == set(model.param_group("xattn-kv"))
+    original = T2IModel.from_pretrained(tiny_model_dir)
+    assert any(not torch.equal(p, dict(original.unet.named_parameters())[n]) for n, p in model.unet.named_parameters())
+    for n, p in model.teacher_params().items():  # the teacher is still the original model
+        assert torch.equal(p, dict(original.unet.named_parameters())[n])
+
+
+def test_lora_delta_is_the_change_of_the_layer_output():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from diffunlearn.methods.mace import lora_deltas
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(5, 4, bias=False)
+
+    net = Net()
+    base = net.proj.weight.detach().clone()
+    net = inject_adapter_in_model(LoraConfig(r=1, lora_alpha=1, target_modules=["proj"], init_lora_weights=False),
+                                  net, adapter_name="a")
+    x = torch.randn(3, 5)
+    delta = lora_deltas(net, "a")["proj"]
+    torch.testing.assert_close(net.proj(x) - x @ base.T, x @ delta.T)

@@ -23,3 +23,4 @@ methods.add("retrain", "diffunlearn.methods.retrain:Retrain", "gold standard: re
 methods.add("sdd", "diffunlearn.methods.sdd:SDD", "self-distillation onto the EMA's empty-prompt prediction")
 methods.add("shs", "diffunlearn.methods.shs:Shs", "Scissorhands: trim by connection sensitivity, then repair")
 methods.add("advanchor", "diffunlearn.methods.advanchor:AdvAnchor", "adversarial anchors at the concept tokens ([003])")
+methods.add("mace", "diffunlearn.methods.mace:MACE", "closed-form refinement + fused per-concept LoRAs (Lu 2024)")

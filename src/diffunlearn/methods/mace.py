@@ -1,0 +1,222 @@
+"""`mace`: Mass Concept Erasure (Lu et al. 2024; [000] eq. 1 and §2).
+
+1. Closed-form cross-attention refinement of every attn2 to_k / to_v weight W:
+       min_W' sum_i ||W' e_i^co - W e_i^gen||^2 + lambda1 sum_j ||W' e_j^prior - W e_j^prior||^2 + lamb ||W' - W||^2
+   e^co: the text-encoder outputs at the concept's token and every later token of prompts that
+   contain it (the causal encoder carries the concept into them); e^gen: the same positions
+   with the concept replaced by the mapping concept (MACE: 'ground' for objects, 'a person'
+   for celebrities; testbed: the generic words `shape` / `pattern`); e^prior: the retain
+   concepts' prompts. Same ridge structure as UCE (`uce_solution`).
+2. One rank-1 LoRA per concept on the attn2 K/V projections, through peft, trained with the
+   shared loop to suppress the concept tokens' cross-attention inside the concept's mask
+   (sum of squared attention probabilities over masked pixels); masks come from a pluggable
+   source (`mask_source`: the canvas generator's object masks, whole images for styles).
+3. Closed-form fusion of all LoRAs: min_W' sum_c ||W' E_c - (W + dW_c) E_c||^2
+   + lambda2 ||W' P - W P||^2 + lamb ||W' - W||^2, then the adapters are removed: the result
+   is a plain model. Official object config (configs/object/erase_ship.yaml): lr 1e-5, 50
+   steps, rank 1, lamb 1e3, train/fuse preserve scales 0; timesteps here are uniform (the
+   official code importance-samples them).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from diffunlearn.data import canvas
+from diffunlearn.methods.base import Method, MethodConfig
+from diffunlearn.methods.uce import uce_solution
+
+if TYPE_CHECKING:
+    import torch
+
+
+class MACEConfig(MethodConfig):
+    lamb: float = Field(1e3, ge=0, description="ridge weight keeping W' near W (refinement and fusion)")
+    lambda1: float = Field(0.0, ge=0, description="refinement: weight keeping retain concepts' projections")
+    lambda2: float = Field(0.0, ge=0, description="fusion: weight keeping retain concepts' projections")
+    mapping_style: str = Field("pattern", description="generic concept styles are mapped to")
+    mapping_object: str = Field("shape", description="generic concept objects are mapped to")
+    lora_rank: int = Field(1, ge=1)
+    mask_source: Literal["canvas", "full"] = Field("canvas", description="where the concept masks come from")
+
+
+class MACE(Method):
+    Config = MACEConfig
+    paper = "Lu et al. 2024; [000] eq. 1"
+    trains = "attn2 to_k / to_v (closed form + fused LoRAs)"
+    closed_form = True
+    profiles = {
+        "paper": {"lr": 1e-5, "steps": 50, "batch_size": 1, "lamb": 1e3, "param_group": "xattn-kv"},
+        "testbed": {"lr": 1e-2, "steps": 50, "batch_size": 8, "lamb": 10.0, "param_group": "xattn-kv"},
+    }
+
+    def param_group(self) -> str:
+        return "xattn-kv"
+
+    def mapping(self, concept: str) -> str:
+        return self.cfg.mapping_style if canvas.concept_domain(concept) == "style" else self.cfg.mapping_object
+
+    def concept_prompts(self, concept: str) -> list[str]:
+        pairs = [p for p in self.task.forget_pairs() if concept in p]
+        partial = canvas.style_prompt(concept) if canvas.concept_domain(concept) == "style" \
+            else canvas.object_prompt(concept)
+        return [canvas.full_prompt(*p) for p in pairs] + [partial]
+
+    def apply_closed_form(self) -> dict[str, float]:
+        import torch
+
+        co, gen = [], []
+        for concept in self.task.forget:
+            for prompt in self.concept_prompts(concept):
+                c, g = co_occurring_embeddings(self.backend, prompt, concept, self.mapping(concept))
+                co.append(c)
+                gen.append(g)
+        e_co, e_gen = torch.cat(co), torch.cat(gen)
+        prior = retain_embeddings(self.backend, self.task.retain) if self.cfg.lambda1 > 0 else None
+        with torch.no_grad():
+            for _, to_k, to_v in self.backend.xattn_kv_layers():
+                for linear in (to_k, to_v):
+                    linear.weight.copy_(uce_solution(linear.weight, e_co, linear.weight @ e_gen.T, prior,
+                                                     self.cfg.lamb, 1.0, self.cfg.lambda1))
+        deltas = {c: self.train_lora(c) for c in self.task.forget}
+        self.fuse(deltas)
+        return {"loss": 0.0, "concepts": float(len(deltas))}
+
+    # ---- step 2: one LoRA per concept -----------------------------------------------------------
+    def train_lora(self, concept: str) -> dict[str, torch.Tensor]:
+        """Train a rank-r LoRA that suppresses the concept's attention inside its mask; return
+        each adapted weight's delta (B A * scaling) and remove the adapter."""
+        from peft import LoraConfig
+
+        from diffunlearn.engine.loop import LoopConfig, run_loop
+
+        unet = self.backend.unet
+        targets = [f"{name}.{proj}" for name, _, _ in self.backend.xattn_kv_layers() for proj in ("to_k", "to_v")]
+        adapter = f"mace-{concept}"
+        unet.add_adapter(LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_rank, target_modules=targets,
+                                    init_lora_weights="gaussian"), adapter_name=adapter)
+        try:
+            unet.set_adapter(adapter)
+            params = {n: p for n, p in unet.named_parameters() if "lora_" in n and adapter in n}
+            for n, p in unet.named_parameters():
+                p.requires_grad_(n in params)
+            cfg = LoopConfig(steps=self.cfg.steps, lr=self.cfg.lr, seed=self.task.seed, progress=False,
+                             description=f"mace lora ({concept})", log_every=max(1, self.cfg.steps))
+            run_loop(params, lambda k, gen: self.attention_step(concept, gen), cfg)
+            return lora_deltas(unet, adapter)
+        finally:
+            _remove_adapters(unet)
+            self.backend.set_trainable(self.param_group())  # names are plain again; refresh grads
+            self.backend.snapshot_teacher(self._original)
+
+    def setup(self) -> None:
+        self._original = {n: p.detach().clone() for n, p in self.backend.param_group(self.param_group()).items()}
+
+    def attention_step(self, concept: str, gen: torch.Generator) -> dict[str, float]:
+        import torch
+
+        pairs = [p for p in self.task.forget_pairs() if concept in p]
+        pick = torch.randint(0, len(pairs) * self.task.images_per_pair, (self.cfg.batch_size,), generator=gen)
+        items = [(pairs[int(i) // self.task.images_per_pair], int(i) % self.task.images_per_pair) for i in pick]
+        x0 = torch.stack([torch.from_numpy(self.task.pair_images(p)[i]) for p, i in items]).to(self.backend.device)
+        masks = torch.stack([concept_mask(self.task, p, i, concept, self.cfg.mask_source) for p, i in items])
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        t = torch.randint(0, self.backend.num_train_timesteps, (len(items),), generator=gen).to(x0.device)
+        prompts = [canvas.full_prompt(*p) for p, _ in items]
+        positions = [self.backend.token_positions(pr, concept) for pr in prompts]
+        with self.backend.capture_attention() as store:
+            self.backend.eps(self.backend.add_noise(x0, noise, t), t, self.backend.encode(prompts))
+        loss = attention_in_mask(store, masks.to(x0.device), positions)
+        loss.backward()
+        return {"loss": float(loss.detach())}
+
+    # ---- step 3: fusion --------------------------------------------------------------------------
+    def fuse(self, deltas: dict[str, dict[str, torch.Tensor]]) -> None:
+        import torch
+
+        embeds = {c: torch.cat([co_occurring_embeddings(self.backend, p, c, self.mapping(c))[0]
+                                for p in self.concept_prompts(c)]) for c in deltas}
+        prior = retain_embeddings(self.backend, self.task.retain) if self.cfg.lambda2 > 0 else None
+        modules = dict(self.backend.unet.named_modules())
+        with torch.no_grad():
+            for name, _, _ in self.backend.xattn_kv_layers():
+                for proj in ("to_k", "to_v"):
+                    linear = modules[f"{name}.{proj}"]
+                    weight = linear.weight
+                    e = torch.cat([embeds[c] for c in deltas])
+                    targets = torch.cat([(weight + deltas[c][f"{name}.{proj}"]) @ embeds[c].T for c in deltas], dim=1)
+                    linear.weight.copy_(uce_solution(weight, e, targets, prior, self.cfg.lamb, 1.0, self.cfg.lambda2))
+
+
+def co_occurring_embeddings(backend, prompt: str, concept: str, mapping: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of the concept's tokens and every later word token (up to the end token), and
+    the same positions (aligned from the end) of the prompt with the concept replaced."""
+    mapped = prompt.replace(concept, mapping) if mapping else " ".join(w for w in prompt.split() if w != concept)
+    positions = backend.token_positions(prompt, concept)
+    end = len(backend.tokenizer.ids(prompt)[: backend.tokenizer.max_length])
+    end_mapped = len(backend.tokenizer.ids(mapped)[: backend.tokenizer.max_length])
+    start = positions[0] if positions else end - 1
+    count = end - start
+    hidden = backend.encode([prompt, mapped])
+    return hidden[0, start:end], hidden[1, end_mapped - count:end_mapped]
+
+
+def retain_embeddings(backend, concepts: list[str]):
+    """Every token embedding of the retain concepts' partial prompts (the prior set)."""
+    import torch
+
+    rows = []
+    for c in concepts:
+        prompt = canvas.style_prompt(c) if canvas.concept_domain(c) == "style" else canvas.object_prompt(c)
+        length = len(backend.tokenizer.ids(prompt)[: backend.tokenizer.max_length])
+        rows.append(backend.encode([prompt])[0, :length])
+    return torch.cat(rows) if rows else None
+
+
+def concept_mask(task, pair: tuple[str, str], index: int, concept: str, source: str):
+    """Where the concept is in the image: the object's mask, or everywhere for a style."""
+    import torch
+
+    size = task.image_size
+    if source == "full" or canvas.concept_domain(concept) == "style":
+        return torch.ones(size, size)
+    return torch.from_numpy(canvas.render(pair[0], pair[1], index, seed=task.seed, size=size).mask)
+
+
+def attention_in_mask(store: dict[str, list[torch.Tensor]], masks: torch.Tensor, positions: list[list[int]]):
+    """Mean over layers of the squared attention probability the concept tokens get inside the mask."""
+    import torch
+    import torch.nn.functional as F
+
+    losses = []
+    for probs_list in store.values():
+        for probs in probs_list:  # (B, heads, pixels, tokens)
+            side = int(probs.shape[2] ** 0.5)
+            mask = F.interpolate(masks[:, None], size=(side, side), mode="area").flatten(1)  # (B, pixels)
+            token_mask = torch.zeros(probs.shape[0], probs.shape[-1], device=probs.device)
+            for b, pos in enumerate(positions):
+                token_mask[b, pos] = 1.0
+            selected = probs * token_mask[:, None, None, :] * mask[:, None, :, None]
+            losses.append(selected.pow(2).sum(dim=(2, 3)).mean())
+    return torch.stack(losses).mean()
+
+
+def lora_deltas(unet, adapter: str) -> dict[str, torch.Tensor]:
+    """dW = scaling * B @ A for every module carrying the adapter."""
+    out = {}
+    for name, module in unet.named_modules():
+        if hasattr(module, "lora_A") and adapter in module.lora_A:
+            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            out[name] = (module.scaling[adapter] * b @ a).detach().clone()
+    return out
+
+
+def _remove_adapters(unet) -> None:
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(unet)
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config
+    unet._hf_peft_config_loaded = False
