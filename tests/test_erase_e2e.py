@@ -47,6 +47,10 @@ def test_erase_then_evaluate_writes_a_complete_run(tiny_model_dir, tiny_evaluato
     assert metrics["after"]["SFID"] is not None
     assert metrics["diagnostics"]["weight_distance"]["l2"] > 0
     assert metrics["cost"]["steps"] == 4
+    # CORE: one trainable forward (forget + retain batched) and one frozen forward per step
+    assert metrics["cost"]["unet_backward"] == 4 and metrics["cost"]["unet_forward"] == 8
+    assert metrics["cost"]["unet_forward_images"] == 4 * 2 * (2 + 2)
+    assert metrics["cost"]["peak_rss_mb"] > 0
 
     # only the trained group was saved, and the run folder loads as a model anywhere
     model_meta = json.loads((out / "model" / "diffunlearn.json").read_text())

@@ -15,6 +15,7 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,19 @@ class Run:
         return self.out / "model"
 
 
-def erase(method: str, forget: list[str], retain: list[str] | None = None, model: str | Path | None = None,
-          config: str | Path | None = None, out: str | Path | None = None, overrides: list[str] | None = None,
-          threads: int | None = None, progress: bool = True) -> Run:
+def erase(method: str | None, forget: list[str] | None = None, retain: list[str] | None = None,
+          model: str | Path | None = None, config: str | Path | None = None, out: str | Path | None = None,
+          overrides: list[str] | None = None, threads: int | None = None, progress: bool = True,
+          notify: Callable[[str], None] | None = None) -> Run:
     """Erase `forget` from `model` (default: the shipped testbed) with `method`, evaluate before
-    and after, and write the run directory. Finished runs are skipped; interrupted ones resume."""
+    and after, and write the run directory. Finished runs are skipped; interrupted ones resume.
+    `notify` receives one line saying which of the three happens."""
     resolved = resolve_erase(method, forget, retain, model, config, overrides)
     out_dir = Path(out) if out else resolved.default_out()
     state = prepare_run_dir(out_dir, resolved.run_id, "erase")
+    if notify:
+        verb = {"done": "is already complete", "resume": "resumes", "new": "starts"}[state]
+        notify(f"run {resolved.run_id} ({resolved.method}, profile {resolved.profile}) {verb} in {out_dir}")
     if state == "done":
         return _load_run(out_dir, skipped=True)
     return _execute_erase(resolved, out_dir, threads, progress)
@@ -101,6 +107,7 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
                               log_every=c.log_every, checkpoint_every=c.checkpoint_every, progress=progress,
                               description=f"erase ({resolved.method})")
         rss_before = _peak_rss_mb()
+        model.counters = dict.fromkeys(model.counters, 0)  # count the unlearning only, not the evaluation
         if method.closed_form:
             result = _closed_form(method)
         else:
@@ -115,7 +122,8 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
                                    "anchor_map": task.anchor_map}
         metrics["cost"] = {"train_seconds": round(result.seconds, 2), "steps": steps,
                            "resumed_from_step": result.resumed_from, "peak_rss_mb": _peak_rss_mb(),
-                           "peak_rss_mb_before_training": rss_before}
+                           "peak_rss_mb_before_training": rss_before, **dict(model.counters),
+                           **_accelerator_peak()}
         metrics["diagnostics"] = {"weight_distance": weight_distance(model.teacher_params(), params),
                                   "final_loss": result.curves[-1] if result.curves else None}
         if evaluators is not None:
@@ -135,14 +143,12 @@ def evaluate(model: str | Path | None = None, forget: list[str] | None = None, o
              overrides: list[str] | None = None, threads: int | None = None, progress: bool = True,
              ) -> dict[str, Any]:
     """Evaluate a model (a model folder or an erase run's model/) on the forget concepts."""
+    from diffunlearn.backends.model_dir import check_model_dir
     from diffunlearn.config import EvalConfig, apply_overrides, build
     from diffunlearn.data.tasks import validate_concepts
-    from diffunlearn.runs import default_model_dir
+    from diffunlearn.runs import model_folder
 
-    model_dir = Path(model) if model else default_model_dir()
-    if (model_dir / "model").is_dir() and (model_dir / "run.json").exists():
-        model_dir = model_dir / "model"
-    from diffunlearn.backends.model_dir import check_model_dir
+    model_dir = model_folder(model)
 
     meta = check_model_dir(model_dir)
     forget = list(forget or meta.get("forget") or [])
@@ -240,6 +246,14 @@ def _save_samples(path: Path, before, after) -> None:
 
 
 # ---- small utilities -------------------------------------------------------------------------
+
+def _accelerator_peak() -> dict[str, float]:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_cuda_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    return {}
+
 
 def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -67,13 +67,6 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(
     show_default=False)]
 
 
-def model_folder(path: Path | None) -> Path | None:
-    """An erase run directory stands for its model/ folder."""
-    if path is not None and (path / "run.json").exists() and (path / "model").is_dir():
-        return path / "model"
-    return path
-
-
 @app.command()
 def erase(
     method: Annotated[str, typer.Argument(help="Method name (see `diffunlearn ls methods`).")],
@@ -91,22 +84,11 @@ def erase(
     Rerunning a finished run is a no-op; an interrupted one resumes from its last checkpoint.
     """
     from diffunlearn import api
-    from diffunlearn.runs import prepare_run_dir, resolve_erase
 
-    def run():
-        resolved = resolve_erase(method, split_names(forget), split_names(retain), model_folder(model), config,
-                                 overrides or [])
-        out_dir = out or resolved.default_out()
-        state = prepare_run_dir(out_dir, resolved.run_id, "erase")
-        if state == "done":
-            typer.echo(f"run {resolved.run_id} is already complete in {out_dir}")
-            return None
-        typer.echo(f"{'resuming' if state == 'resume' else 'starting'} run {resolved.run_id} in {out_dir} "
-                   f"(profile {resolved.profile})", err=True)
-        return api._execute_erase(resolved, out_dir, threads, progress=sys.stderr.isatty())
-
-    result = guarded(run)
-    if result is not None:
+    result = guarded(lambda: api.erase(method, split_names(forget), split_names(retain), model, config,
+                                       out, overrides or [], threads, progress=sys.stderr.isatty(),
+                                       notify=lambda line: typer.echo(line, err=True)))
+    if not result.skipped:
         _print_summary(result.metrics, result.out)
 
 
@@ -121,7 +103,7 @@ def evaluate(
     """Evaluate a model on forget concepts: UA, IRA, CRA, AR, FID/KID, with confidence intervals."""
     from diffunlearn import api
 
-    metrics = guarded(lambda: api.evaluate(model_folder(model), split_names(forget), out, overrides or [], threads,
+    metrics = guarded(lambda: api.evaluate(model, split_names(forget), out, overrides or [], threads,
                                            progress=sys.stderr.isatty()))
     _print_summary(metrics, out)
 

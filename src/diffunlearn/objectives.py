@@ -186,3 +186,27 @@ def compute_loss(terms: list[Term], backend: Backend, task: UnlearningTask, batc
     logs = {f"loss_{name}": float(v.detach()) for name, v in losses.items()}
     logs["loss"] = float(total.detach())
     return total, logs
+
+
+def forget_gradient_magnitudes(backend: Backend, task: UnlearningTask, batch_size: int, batches: int,
+                               seed: int) -> dict[str, torch.Tensor]:
+    """Sum over `batches` forget batches of |grad| of the plain denoising loss on D_f, per trainable
+    weight: the saliency of SalUn and the gradient half of Scissorhands' connection sensitivity."""
+    import torch
+
+    from diffunlearn.engine.loop import step_generator
+
+    params = dict(backend.named_trainable())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    forget = [Term("forget", images="forget", prompt="forget", target="gaussian")]
+    for k in range(batches):
+        for p in params.values():
+            p.grad = None
+        loss, _ = compute_loss(forget, backend, task, batch_size, step_generator(seed, -1 - k))
+        loss.backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                total[n] += p.grad.abs()
+    for p in params.values():
+        p.grad = None
+    return total

@@ -54,6 +54,14 @@ def default_model_dir() -> Path:
     return TESTBED_DIR
 
 
+def model_folder(path: str | Path | None) -> Path:
+    """The model folder a path stands for: a run directory stands for its model/ folder."""
+    path = Path(path) if path else default_model_dir()
+    if (path / "run.json").exists() and (path / "model").is_dir():
+        return path / "model"
+    return path
+
+
 def is_testbed(model_dir: Path, meta: dict) -> bool:
     return meta.get("kind") == "testbed" or Path(model_dir).resolve() == TESTBED_DIR.resolve()
 
@@ -134,9 +142,10 @@ def resolve_erase(method: str | None, forget: list[str] | None = None, retain: l
     methods.check(name)
     method_data.pop("name", None)
 
-    model_dir = Path(data.get("model") or default_model_dir())
-    if isinstance(data.get("model"), dict):
-        model_dir = Path(build(ModelSection, data["model"], "model.").path)
+    model_value = data.get("model")
+    if isinstance(model_value, dict):
+        model_value = build(ModelSection, model_value, "model.").path
+    model_dir = model_folder(model_value)
     meta = check_model_dir(model_dir)
 
     profile = method_data.pop("profile", None) or ("testbed" if is_testbed(model_dir, meta) else "paper")

@@ -173,6 +173,8 @@ class T2IModel:
         self.image_shape = (channels, unet.config.sample_size, unet.config.sample_size)
         self.pixel_size = size
         self._teacher: dict[str, torch.Tensor] = {}
+        # cost accounting ([004] Table 4): UNet calls, images through them, backward passes
+        self.counters = {"unet_forward": 0, "unet_forward_images": 0, "unet_backward": 0}
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self.path: Path | None = None
         self._hash: str | None = None
@@ -339,13 +341,21 @@ class T2IModel:
             params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         if t.dim() == 0:
             t = t.expand(x_t.shape[0])
+        self.counters["unet_forward"] += 1
+        self.counters["unet_forward_images"] += int(x_t.shape[0])
         with self._autocast():
             if params:
                 out = functional_call(self.unet, dict(params), (x_t, t), {"encoder_hidden_states": cond},
                                       strict=False)
             else:
                 out = self.unet(x_t, t, encoder_hidden_states=cond)
-        return out.sample.float() if hasattr(out, "sample") else out[0].float()
+        out = out.sample.float() if hasattr(out, "sample") else out[0].float()
+        if out.requires_grad:
+            out.register_hook(self._count_backward)
+        return out
+
+    def _count_backward(self, grad: torch.Tensor) -> None:
+        self.counters["unet_backward"] += 1
 
     def teacher_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

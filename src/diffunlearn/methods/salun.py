@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from diffunlearn.methods.base import Method, MethodConfig
-from diffunlearn.objectives import Term, compute_loss
+from diffunlearn.objectives import Term, forget_gradient_magnitudes
 
 if TYPE_CHECKING:
     import torch
@@ -72,21 +72,7 @@ def saliency_mask(backend, task, batch_size: int, batches: int, fraction: float,
     """1 for the top `fraction` of trainable weights by accumulated |grad| of the forget loss."""
     import torch
 
-    from diffunlearn.engine.loop import step_generator
-
-    params = dict(backend.named_trainable())
-    saliency = {n: torch.zeros_like(p) for n, p in params.items()}
-    forget = [Term("forget", images="forget", prompt="forget", target="gaussian")]
-    for k in range(batches):
-        for p in params.values():
-            p.grad = None
-        loss, _ = compute_loss(forget, backend, task, batch_size, step_generator(seed, -1 - k))
-        loss.backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                saliency[n] += p.grad.abs()
-    for p in params.values():
-        p.grad = None
+    saliency = forget_gradient_magnitudes(backend, task, batch_size, batches, seed)
     flat = torch.cat([s.flatten() for s in saliency.values()])
     keep = max(1, int(round(fraction * flat.numel())))
     chosen = torch.zeros_like(flat)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from diffunlearn.methods.base import Method, MethodConfig
-from diffunlearn.objectives import Term, compute_loss
+from diffunlearn.objectives import Term, forget_gradient_magnitudes
 
 if TYPE_CHECKING:
     import torch
@@ -54,24 +54,8 @@ class Shs(Method):
 
 def snip_scores(backend, task, batch_size: int, batches: int, seed: int) -> dict[str, torch.Tensor]:
     """|w * accumulated |grad L_f||, the connection sensitivity of each trainable weight."""
-    import torch
-
-    from diffunlearn.engine.loop import step_generator
-
-    params = dict(backend.named_trainable())
-    grads = {n: torch.zeros_like(p) for n, p in params.items()}
-    forget = [Term("forget", images="forget", prompt="forget", target="gaussian")]
-    for k in range(batches):
-        for p in params.values():
-            p.grad = None
-        loss, _ = compute_loss(forget, backend, task, batch_size, step_generator(seed, -1 - k))
-        loss.backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                grads[n] += p.grad.abs()
-    for p in params.values():
-        p.grad = None
-    return {n: (grads[n] * params[n].detach()).abs() for n in params}
+    grads = forget_gradient_magnitudes(backend, task, batch_size, batches, seed)
+    return {n: (grads[n] * p.detach()).abs() for n, p in backend.named_trainable()}
 
 
 def trim_by_connection_sensitivity(backend, task, batch_size: int, batches: int, sparsity: float,
