@@ -34,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="all", help="comma-separated, or 'all' registered methods")
     parser.add_argument("--no-grid", action="store_true", help="only the current testbed profiles")
+    parser.add_argument("--exclude", default="retrain", help="methods left out (retrain takes ~40 min)")
     parser.add_argument("--concepts", default="dotted,circle")
     parser.add_argument("--out", type=Path, default=Path("runs/profiles"))
     parser.add_argument("--threads", type=int, default=2)
@@ -41,7 +42,8 @@ def main() -> None:
     from diffunlearn.methods import methods
 
     rows = []
-    for method in methods.names() if args.methods == "all" else args.methods.split(","):
+    chosen = methods.names() if args.methods == "all" else args.methods.split(",")
+    for method in [m for m in chosen if m not in args.exclude.split(",")]:
         for concept in args.concepts.split(","):
             run = diffunlearn.erase(method, [concept], out=args.out / f"{method}-{concept}-default",
                                     overrides=FAST_EVAL, threads=args.threads, progress=False)

@@ -197,7 +197,6 @@ def test_plan_seeds_fixed_per_prompt():
     ([], None), (["plain"], None), (["nosuch"], None),
     (["circle"], {"striped": ["dotted"]}),  # not a forget concept
     (["circle"], {"circle": ["dotted"]}),  # other domain
-    (["circle", "ring"], {"circle": ["ring"]}),  # alternative is forgotten
 ])
 def test_plan_rejects_bad_input(forget, alternatives):
     with pytest.raises(ValueError):
@@ -277,3 +276,10 @@ def test_save_grid_writes_labelled_png(tmp_path):
         assert image.crop((0, 0, 20, image.height)).convert("L").getextrema()[0] < 128
     with pytest.raises(ValueError):
         save_grid(tmp_path / "empty.png", [])
+
+
+def test_plan_accepts_alternatives_among_forget_concepts():
+    """CORE's derangement maps forget concepts onto each other: AR_CL must still be reported."""
+    plan = build_prompt_sets(["circle", "ring"], EvalConfig(images_per_prompt=1, partial_images=1),
+                             {"circle": ["ring"], "ring": ["circle"]})
+    assert {it.alternatives for it in plan if it.forget == "circle"} == {("ring",)}
