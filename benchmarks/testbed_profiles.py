@@ -20,12 +20,13 @@ from diffunlearn.data.canvas import STYLES
 
 GRID = {
     "finetune": {"method.lr": [1e-4, 3e-4], "method.steps": [100, 300]},
-    "neggrad": {"method.lr": [2e-5, 5e-5], "method.steps": [20, 60]},
-    "esd": {"method.lr": [3e-4, 1e-3], "method.steps": [100, 200]},
+    "neggrad": {"method.lr": [1e-5, 2e-5], "method.steps": [20]},
+    "esd": {"method.lr": [1e-4, 3e-4], "method.steps": [100]},
+    "esd-u": {"method.lr": [1e-5, 3e-5], "method.steps": [100]},
     "core": {"method.lr": [3e-4, 1e-3], "method.epochs": [20, 40]},
     "dimum": {"method.lr": [1e-4, 3e-4], "method.steps": [150, 300]},
-    "sfront": {"method.lr": [2e-5, 5e-5], "method.steps": [50, 150]},
-    "salun": {"method.lr": [3e-4, 1e-3], "method.epochs": [20, 40]},
+    "sfront": {"method.lr": [1e-5, 2e-5], "method.steps": [100]},
+    "salun": {"method.lr": [1e-4, 3e-4], "method.epochs": [40]},
 }
 FAST_EVAL = ["eval.images_per_prompt=2", "eval.partial_images=8", "eval.bootstrap=200"]
 
