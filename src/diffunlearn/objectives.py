@@ -210,3 +210,25 @@ def forget_gradient_magnitudes(backend: Backend, task: UnlearningTask, batch_siz
     for p in params.values():
         p.grad = None
     return total
+
+
+class ParamsView:
+    """The backend with named parameters replaced: `student` in trainable forwards (EraseDiff's
+    phi), `teacher` in frozen ones (SDD's EMA). Everything else is the backend's."""
+
+    def __init__(self, backend: Backend, student=None, teacher=None):
+        self._backend, self._student, self._teacher = backend, student, teacher
+
+    def eps(self, x_t, t, cond, params=None):
+        return self._backend.eps(x_t, t, cond, params=self._student if params is None else params)
+
+    def teacher_eps(self, x_t, t, cond):
+        if self._teacher is None:
+            return self._backend.teacher_eps(x_t, t, cond)
+        import torch
+
+        with torch.no_grad():
+            return self._backend.eps(x_t, t, cond, params=self._teacher)
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from diffunlearn.methods.base import Method, MethodConfig
-from diffunlearn.objectives import Term, draw_batch, term_losses
+from diffunlearn.objectives import ParamsView, Term, draw_batch, term_losses
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +94,7 @@ class EraseDiff(Method):
 
         def forget_loss(param_values: dict[str, torch.Tensor] | None) -> torch.Tensor:
             fixed = torch.Generator().manual_seed(target_gen_seed)
-            return term_losses([forget], _Overridden(model, param_values), [batch_f], fixed)["forget"]
+            return term_losses([forget], ParamsView(model, student=param_values), [batch_f], fixed)["forget"]
 
         loss_f = forget_loss(None)
         grad_f = torch.autograd.grad(loss_f, [params[n] for n in names])
@@ -143,16 +143,3 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     import torch
 
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12))
-
-
-class _Overridden:
-    """The backend with its trained group replaced by `values` (phi) in student forwards."""
-
-    def __init__(self, backend, values):
-        self._backend, self._values = backend, values
-
-    def eps(self, x_t, t, cond, params=None):
-        return self._backend.eps(x_t, t, cond, params=self._values if params is None else params)
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from diffunlearn.methods.base import Method, MethodConfig
-from diffunlearn.objectives import Term, compute_loss
+from diffunlearn.objectives import ParamsView, Term, compute_loss
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,7 @@ class SDD(Method):
             with torch.no_grad():
                 for n, p in self.backend.named_trainable():
                     self.ema[n].lerp_(p.detach(), 1 - self.cfg.ema_decay)
-        total, logs = compute_loss(self.terms(), _EmaTeacher(self.backend, self.ema), self.task,
+        total, logs = compute_loss(self.terms(), ParamsView(self.backend, teacher=self.ema), self.task,
                                    self.cfg.batch_size, gen)
         total.backward()
         return logs
@@ -66,19 +66,3 @@ class SDD(Method):
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.ema = {n[4:]: v.clone() for n, v in tensors.items() if n.startswith("ema.")}
-
-
-class _EmaTeacher:
-    """The backend whose frozen teacher is the EMA of the trained group."""
-
-    def __init__(self, backend, ema):
-        self._backend, self._ema = backend, ema
-
-    def teacher_eps(self, x_t, t, cond):
-        import torch
-
-        with torch.no_grad():
-            return self._backend.eps(x_t, t, cond, params=self._ema)
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
