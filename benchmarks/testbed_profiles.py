@@ -27,6 +27,9 @@ GRID = {
     "dimum": {"method.lr": [1e-4, 3e-4], "method.steps": [150, 300]},
     "sfront": {"method.lr": [1e-5, 2e-5], "method.steps": [100]},
     "salun": {"method.lr": [1e-4, 3e-4], "method.epochs": [40]},
+    "erasediff": {"method.lr": [5e-5, 1e-4], "method.steps": [100]},
+    "shs": {"method.lr": [5e-5, 1e-4], "method.steps": [100]},
+    "mace": {"method.lr": [1e-3], "method.lamb": [10.0, 100.0]},
 }
 FAST_EVAL = ["eval.images_per_prompt=2", "eval.partial_images=8", "eval.bootstrap=200"]
 

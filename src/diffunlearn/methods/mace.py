@@ -49,7 +49,9 @@ class MACE(Method):
     closed_form = True
     profiles = {
         "paper": {"lr": 1e-5, "steps": 50, "batch_size": 1, "lamb": 1e3, "param_group": "xattn-kv"},
-        "testbed": {"lr": 1e-2, "steps": 50, "batch_size": 8, "lamb": 10.0, "param_group": "xattn-kv"},
+        # measured forgetting `dotted`: lr 1e-2 broke other prompts (CRA 14.5); lr 1e-3 with lamb 10:
+        # UA 95, IRA 99, CRA 99, SFID 51; with lamb 100: UA 90, IRA 99, CRA 99.5, SFID 75 (chosen)
+        "testbed": {"lr": 1e-3, "steps": 50, "batch_size": 8, "lamb": 100.0, "param_group": "xattn-kv"},
     }
 
     def param_group(self) -> str:
