@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from diffunlearn.backends.model_dir import (
     ModelDirError,
     check_model_dir,
     model_content_hash,
-    read_meta,
 )
 from diffunlearn.registry import UnknownNameError
 
@@ -259,7 +257,7 @@ class T2IModel:
     def save_pretrained(self, path: str | Path, changed_only: bool = False) -> None:
         """Write a diffusers-layout folder; with `changed_only`, the UNet tensors that differ
         from the teacher snapshot plus a reference (path and hash) to the base model."""
-        from safetensors.torch import save_file
+        from diffunlearn.engine.checkpoint import atomic_save_tensors
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -272,7 +270,7 @@ class T2IModel:
             names = sorted(set(self._teacher) | set(self.meta.get("changed_params", [])))
             tensors = {n: full[n].detach().contiguous().cpu() for n in names}
             (path / "unet").mkdir(exist_ok=True)
-            _atomic_save(tensors, path / UNET_WEIGHTS, save_file)
+            atomic_save_tensors(tensors, path / UNET_WEIGHTS)
             meta.update(base=base, changed_params=names)
         else:
             self.unet.save_pretrained(str(path / "unet"), safe_serialization=True)
@@ -488,17 +486,3 @@ def _drop_load_path(config: Path) -> None:
         data = json.loads(config.read_text())
         if data.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, save_file) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-def load_model(path: str | Path, device: str = "cpu") -> T2IModel:
-    return T2IModel.from_pretrained(path, device)
-
-
-def read_model_meta(path: str | Path) -> dict:
-    return read_meta(Path(path))

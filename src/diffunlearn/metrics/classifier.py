@@ -111,7 +111,9 @@ class EvaluatorFeatures(nn.Module):
 
 
 def accuracy(evaluators: Evaluators, images: torch.Tensor, labels: Sequence[str], domain: str) -> float:
+    """Share (0-1) of `images` the domain's evaluator assigns to their labels."""
+    from diffunlearn.metrics.accuracy import accuracy as percent_correct
+
     _, names = evaluators.for_domain(domain)
-    pred = evaluators.probabilities(images, domain).argmax(-1)
     target = torch.tensor([names.index(n) for n in labels])
-    return float((pred == target).float().mean())
+    return percent_correct(evaluators.probabilities(images, domain), target) / 100
