@@ -131,3 +131,35 @@ def test_bad_input_fails_fast_without_importing_torch(tiny_model_dir, tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_attack_bad_input_is_one_line_and_writes_nothing(empty_cwd, tiny_model_dir):
+    listing = invoke("ls", "attacks")
+    assert listing.exit_code == 0 and "relearn" in listing.stdout and "attack.data" in listing.stdout
+    _assert_one_line_error(invoke("attack", "relearn", "--model", tiny_model_dir, "--forget", "dotted",
+                                  "attack.dat=retain"), "unknown config key 'attack.dat'")
+    _assert_one_line_error(invoke("attack", "relearn", "--model", tiny_model_dir, "--forget", "dotted",
+                                  "attack.data=test"), "bad value for 'attack.data'")
+    _assert_one_line_error(invoke("attack", "resurgence", "--model", tiny_model_dir, "--forget", "dottd"),
+                           "unknown concept 'dottd'", "did you mean 'dotted'")
+    _assert_one_line_error(invoke("attack", "relearn", "--model", tiny_model_dir), "--forget")
+    _assert_one_line_error(invoke("attack", "relearn", "--model", empty_cwd / "nowhere", "--forget", "dotted"),
+                           "model folder not found")
+    assert not any(empty_cwd.iterdir())
+    assert invoke("attack", "relern", "--forget", "dotted").exit_code == 2
+
+
+def test_attack_validation_does_not_import_torch(tiny_model_dir):
+    script = textwrap.dedent(f"""
+        import sys
+        from typer.testing import CliRunner
+        from diffunlearn.cli import app
+        for args in (["attack", "relearn", "--model", "{tiny_model_dir}", "--forget", "dotted", "attack.lr=-1"],
+                     ["attack", "resurgence", "--model", "{tiny_model_dir}"]):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 2, result.output
+        assert "torch" not in sys.modules, "torch was imported before validation finished"
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr

@@ -301,20 +301,13 @@ def test_mace_result_is_a_plain_model_with_fused_loras(tiny_model_dir, tmp_path)
         assert torch.equal(p, dict(original.unet.named_parameters())[n])
 
 
-def test_lora_delta_is_the_change_of_the_layer_output():
-    from peft import LoraConfig, inject_adapter_in_model
-
-    from diffunlearn.methods.mace import lora_deltas
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(5, 4, bias=False)
-
-    net = Net()
-    base = net.proj.weight.detach().clone()
-    net = inject_adapter_in_model(LoraConfig(r=1, lora_alpha=1, target_modules=["proj"], init_lora_weights=False),
-                                  net, adapter_name="a")
-    x = torch.randn(3, 5)
-    delta = lora_deltas(net, "a")["proj"]
-    torch.testing.assert_close(net.proj(x) - x @ base.T, x @ delta.T)
+def test_lora_delta_is_the_change_of_the_layer_output(tiny_model):
+    target = tiny_model.attention_projections("xattn-kv")[0]
+    base = dict(tiny_model.unet.named_modules())[target].weight.detach().clone()
+    tiny_model.add_lora("a", [target], rank=1, init=False)  # random A and B: a nonzero update
+    layer = dict(tiny_model.unet.named_modules())[target]
+    x = torch.randn(3, base.shape[1])
+    delta = tiny_model.lora_deltas("a")[target]
+    assert delta.abs().sum() > 0
+    torch.testing.assert_close(layer(x) - layer.base_layer(x), x @ delta.T)
+    torch.testing.assert_close(layer.base_layer.weight, base)

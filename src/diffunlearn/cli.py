@@ -26,6 +26,9 @@ app = typer.Typer(
 )
 pretrain_app = typer.Typer(help="Train the shipped testbed (model or evaluator classifiers).", no_args_is_help=True)
 app.add_typer(pretrain_app, name="pretrain")
+attack_app = typer.Typer(help="Attack an unlearned model and watch whether the erased concepts come back "
+                              "(see `diffunlearn ls attacks`).", no_args_is_help=True)
+app.add_typer(attack_app, name="attack")
 
 USER_ERRORS = (ConfigError, TaskError, ModelDirError, UnknownNameError, RunDirError, FileNotFoundError)
 # CheckpointError (engine/checkpoint.py) imports torch, so it is matched by name in guarded().
@@ -92,6 +95,64 @@ def erase(
         _print_summary(result.metrics, result.out)
 
 
+def _attack_command(name: str, summary: str):
+    def command(
+        model: ModelOpt = None,
+        forget: Annotated[str | None, typer.Option(
+            "--forget", "-f", help="Erased concept(s), comma-separated; needed when the model is not an erase run "
+                                   "(the original model or a retrain, as controls).")] = None,
+        config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (attack/task/eval/model).")
+                          ] = None,
+        out: Annotated[Path | None, typer.Option(
+            "--out", "-o", help="Run directory; default: <attacked run>/attacks/<attack>-<id>.")] = None,
+        original: Annotated[Path | None, typer.Option(
+            help="The model before unlearning (distances, generated data); default: the run's base.")] = None,
+        erase_method: Annotated[str | None, typer.Option(
+            "--erase", help="Chain: first erase --forget with this method (method.*/task.* overrides), then attack.")
+                                ] = None,
+        threads: ThreadsOpt = None,
+        overrides: OverridesArg = None,
+    ) -> None:
+        from diffunlearn import api
+
+        notify = lambda line: typer.echo(line, err=True)  # noqa: E731
+        progress = sys.stderr.isatty()
+        if erase_method:
+            if out or original or config:
+                fail("--erase chains two runs in their default directories; drop --out/--original/--config")
+            _, result = guarded(lambda: api.erase_then_attack(erase_method, name, split_names(forget) or [],
+                                                              model, overrides or [], threads, progress, notify))
+        else:
+            result = guarded(lambda: api.attack(name, model, split_names(forget), config, out, overrides or [],
+                                                threads, progress, original, notify))
+        if not result.skipped:
+            _print_attack_summary(result.metrics, result.out)
+
+    command.__doc__ = (f"{summary}\n\nOverrides: attack.<option>=value (see `diffunlearn ls attacks`), "
+                       "eval.<key>=value, task.<key>=value. Writes model/, metrics.json (curve and summary), "
+                       "attack_curve.csv, curves.csv, samples.png; reruns skip or resume.")
+    return command
+
+
+attack_app.command("relearn")(_attack_command(
+    "relearn", "DiMRA ([002]): fine-tune on the retain set (attack.data=retain, assumption i) or same-distribution "
+               "data without the concept (attack.data=heldout|generated, assumption ii)."))
+attack_app.command("resurgence")(_attack_command(
+    "resurgence", "Benign fine-tuning ([000]): full or LoRA (attack.mode=lora) on random in-domain concepts, a "
+                  "similarity tercile (attack.data=terciles) or out-of-domain concepts."))
+
+
+def _print_attack_summary(metrics: dict, out: Path) -> None:
+    s = metrics.get("summary", {})
+    parts = [f"{k}={s[k]:.1f}" for k in ("AR_MU_top1", "AR_DiMRA_top1", "AR_DiMRA_top3", "AR_CL_min",
+                                         "retain_acc_before", "retain_acc_after", "FID_before", "FID_after")
+             if isinstance(s.get(k), int | float)]
+    if isinstance(s.get("travelled_back_fraction"), int | float):
+        parts.append(f"travelled_back={100 * s['travelled_back_fraction']:.1f}%")
+    typer.echo(" ".join(parts))
+    typer.echo(f"written to {out}")
+
+
 @app.command()
 def evaluate(
     model: ModelOpt = None,
@@ -109,8 +170,8 @@ def evaluate(
 
 
 @app.command("ls")
-def ls(what: Annotated[str, typer.Argument(help="methods | concepts | metrics")]) -> None:
-    """List the registered methods, the testbed's concepts, or the metrics."""
+def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | metrics")]) -> None:
+    """List the registered methods, the attacks and their options, the testbed's concepts, or the metrics."""
     from diffunlearn.data import canvas
     from diffunlearn.methods import methods
 
@@ -120,13 +181,23 @@ def ls(what: Annotated[str, typer.Argument(help="methods | concepts | metrics")]
     elif what == "concepts":
         typer.echo("style:  " + " ".join(canvas.STYLES) + f"   (neutral: {canvas.NEUTRAL_STYLE})")
         typer.echo("object: " + " ".join(canvas.OBJECTS) + f"   (neutral: {canvas.NEUTRAL_OBJECT})")
+    elif what == "attacks":
+        from diffunlearn.attacks import attacks
+
+        for name in attacks.names():
+            typer.echo(f"{name:12s} {attacks.help(name)}")
+            for profile, values in attacks.get(name).profiles.items():
+                typer.echo(f"    profile {profile}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+            for field, info in attacks.get(name).Config.model_fields.items():
+                default = info.default if info.default_factory is None else info.default_factory()
+                typer.echo(f"    attack.{field:18s} {default!s:10s} {info.description or ''}")
     elif what == "metrics":
         from diffunlearn.metrics import METRIC_HELP
 
         for name, text in METRIC_HELP.items():
             typer.echo(f"{name:12s} {text}")
     else:
-        fail(f"unknown listing '{what}'; valid: methods, concepts, metrics")
+        fail(f"unknown listing '{what}'; valid: methods, attacks, concepts, metrics")
 
 
 @app.command()

@@ -188,6 +188,17 @@ def compute_loss(terms: list[Term], backend: Backend, task: UnlearningTask, batc
     return total, logs
 
 
+def denoising_loss(backend: Backend, x0: torch.Tensor, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
+    """The plain DDPM loss E ||eps - eps_theta(x_t, t, c)||^2 on given images and captions: the
+    relearning attack's loss ([002] eq. 7) and benign fine-tuning's ([000] §3)."""
+    import torch
+
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    t = torch.randint(0, backend.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
+    pred = backend.eps(backend.add_noise(x0, noise, t), t, backend.encode(prompts))
+    return (pred.float() - noise).pow(2).mean()
+
+
 def forget_gradient_magnitudes(backend: Backend, task: UnlearningTask, batch_size: int, batches: int,
                                seed: int) -> dict[str, torch.Tensor]:
     """Sum over `batches` forget batches of |grad| of the plain denoising loss on D_f, per trainable

@@ -200,3 +200,173 @@ def write_run_marker(out: Path, run_id: str, kind: str, status: str) -> None:
 
 def write_config(out: Path, resolved_dict: dict[str, Any]) -> None:
     (out / "config.yaml").write_text(dump_yaml(resolved_dict))
+
+
+# ---- attacks ---------------------------------------------------------------------------------
+
+ATTACK_KEYS = ("attack", "task", "eval", "model", "original", "seed")
+
+
+@dataclass
+class ResolvedAttack:
+    """An attack on a model, validated; nothing has been written yet."""
+
+    attack: str
+    attack_config: Any  # the attack's AttackConfig subclass instance
+    profile: str
+    task: TaskConfig
+    eval: EvalConfig
+    model_dir: Path
+    model_hash: str
+    original_dir: Path
+    alternatives: dict[str, list[str]] | None
+    source_run: Path | None
+    seed: int
+    versions: dict[str, str] = field(default_factory=package_versions)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "attack": {"name": self.attack, "profile": self.profile, **self.attack_config.model_dump()},
+            "task": self.task.model_dump(),
+            "eval": self.eval.model_dump(),
+            "model": {"path": str(self.model_dir), "hash": self.model_hash},
+            "original": str(self.original_dir),
+            "alternatives": self.alternatives,
+            "seed": self.seed,
+        }
+
+    @property
+    def run_id(self) -> str:
+        data = self.as_dict()
+        data["model"] = {"hash": self.model_hash}
+        data.pop("original")  # a path; the attacked model's hash already pins its base
+        return config_hash({"config": data, "versions": self.versions})
+
+    def default_out(self) -> Path:
+        """Inside the attacked run's directory (attacks/<name>-<id>), else under runs/."""
+        if self.source_run is not None:
+            return self.source_run / "attacks" / f"{self.attack}-{self.run_id}"
+        return Path("runs") / f"attack-{self.attack}-{self.run_id}"
+
+
+def source_run_of(model_dir: Path) -> Path | None:
+    """The run directory a model folder belongs to (erase or attack), if any."""
+    parent = model_dir.parent
+    return parent if (parent / "run.json").exists() and (parent / "config.yaml").exists() else None
+
+
+def original_of(model_dir: Path, meta: dict) -> Path:
+    """The model before unlearning: an erase run's base, a retrain's recorded original, or the
+    model itself (a control attack on the original model)."""
+    for key in ("base", "original"):
+        if meta.get(key):
+            path = Path(meta[key]["path"])
+            return path if path.is_absolute() else (model_dir / path).resolve()
+    return model_dir
+
+
+def alternatives_of(meta: dict, source_run: Path | None) -> dict[str, list[str]] | None:
+    """The concepts an unlearned model was steered to (AR_CL), where its method uses anchors."""
+    if meta.get("alternatives"):
+        return meta["alternatives"]
+    if source_run is None or not (source_run / "metrics.json").exists():
+        return None
+    from diffunlearn.methods import methods
+
+    try:
+        metrics = json.loads((source_run / "metrics.json").read_text())
+    except json.JSONDecodeError:
+        return None
+    method = metrics.get("method")
+    if method in methods and methods.get(method).uses_anchor:
+        return metrics.get("anchor_map")
+    return None
+
+
+def resolve_attack(attack: str | None, model: str | Path | None = None, forget: list[str] | None = None,
+                   config_file: str | Path | None = None, overrides: list[str] | None = None,
+                   original: str | Path | None = None) -> ResolvedAttack:
+    """Validate and resolve an attack run (torch-free). The task (forget and retain concepts,
+    D_r) defaults to the attacked run's own; `forget` names the concepts for a model that is
+    not an erase run (the original model or a retrain, as controls)."""
+    from diffunlearn.attacks import attacks
+
+    data = load_yaml(config_file) if config_file else {}
+    unknown = sorted(set(data) - set(ATTACK_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}'; valid top-level keys: {', '.join(ATTACK_KEYS)}")
+    flags: dict[str, Any] = {}
+    if model:
+        flags["model"] = str(model)
+    if original:
+        flags["original"] = str(original)
+    data = apply_overrides(deep_merge(data, flags), overrides or [])
+
+    attack_data = data.get("attack") or {}
+    if isinstance(attack_data, str):
+        attack_data = {"name": attack_data}
+    if not isinstance(attack_data, dict):
+        raise ConfigError("config key 'attack' must be a mapping (name, profile and hyperparameters)")
+    attack_data = dict(attack_data)
+    name = attack or attack_data.get("name")
+    if not name:
+        raise ConfigError(f"no attack given; valid attacks: {', '.join(attacks.names())}")
+    if attack and attack_data.get("name") not in (None, attack):
+        raise ConfigError(f"the config names attack '{attack_data['name']}' but the command line '{attack}'")
+    attacks.check(name)
+    attack_data.pop("name", None)
+
+    model_value = data.get("model")
+    if isinstance(model_value, dict):
+        model_value = build(ModelSection, model_value, "model.").path
+    model_dir = model_folder(model_value)
+    meta = check_model_dir(model_dir)
+    source_run = source_run_of(model_dir)
+    original_dir = model_folder(data["original"]) if data.get("original") else original_of(model_dir, meta)
+    check_model_dir(original_dir)
+
+    profile = attack_data.pop("profile", None) or ("testbed" if is_testbed(model_dir, meta) else "paper")
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile}'; valid profiles: {', '.join(PROFILES)}")
+    attack_cls = attacks.get(name)
+    attack_config = build(attack_cls.Config, deep_merge(attack_cls.profiles.get(profile, {}), attack_data),
+                          "attack.")
+
+    task_data = _source_task(source_run)
+    task_data = deep_merge(task_data, data.get("task") or {})
+    if forget:
+        task_data["forget"] = list(forget)
+        if not (data.get("task") or {}).get("retain"):
+            task_data.pop("retain", None)  # the source run's retain set excluded other concepts
+    if not task_data.get("forget") and meta.get("forget"):
+        task_data["forget"] = list(meta["forget"])
+    if not task_data.get("forget"):
+        from diffunlearn.data.tasks import TaskError
+
+        raise TaskError("no forget concept: the model is not an erase run, so name the erased concepts with "
+                        "--forget (e.g. --forget dotted)")
+    task = build(TaskConfig, task_data, "task.")
+    validate_concepts(task.forget, task.retain)
+    eval_cfg = build(EvalConfig, data.get("eval") or {}, "eval.")
+    check_evaluators(eval_cfg)
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int):
+        raise ConfigError(f"bad value for 'seed': expected an integer, got {seed!r}")
+    alternatives = alternatives_of(meta, source_run)
+    if alternatives is not None:
+        alternatives = {c: list(a) for c, a in alternatives.items() if c in task.forget} or None
+    return ResolvedAttack(name, attack_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir),
+                          original_dir, alternatives, source_run, seed)
+
+
+def _source_task(source_run: Path | None) -> dict[str, Any]:
+    if source_run is None:
+        return {}
+    import yaml
+
+    try:
+        config = yaml.safe_load((source_run / "config.yaml").read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    task = config.get("task")
+    return dict(task) if isinstance(task, dict) else {}

@@ -72,6 +72,23 @@ class Backend(Protocol):
         params: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor: ...
 
+    def attention_projections(self, which: str = "all") -> list[str]:
+        """Module names of the attention projections (`xattn-kv` or `all`), LoRA targets."""
+
+    def add_lora(self, name: str, targets: Sequence[str], rank: int, alpha: float | None = None,
+                 init: str | bool = True) -> dict[str, nn.Parameter]:
+        """Attach a peft LoRA adapter to `targets`; it becomes the only trainable part."""
+
+    def lora_deltas(self, name: str) -> dict[str, torch.Tensor]: ...
+
+    def merge_lora(self, name: str) -> list[str]:
+        """Fold an adapter into the weights, drop all adapters, return the changed weight names."""
+
+    def remove_lora(self) -> None: ...
+
+    def effective_weights(self) -> dict[str, torch.Tensor]:
+        """Every UNet weight under its plain name with active LoRA updates folded in."""
+
     def save_pretrained(self, path: Path, changed_only: bool = False) -> None: ...
 
     def content_hash(self) -> str: ...

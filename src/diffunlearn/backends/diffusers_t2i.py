@@ -393,6 +393,82 @@ class T2IModel:
     def xattn_kv_layers(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
         return [(name, m.to_k, m.to_v) for name, m in self.unet.named_modules() if name.endswith("attn2")]
 
+    def attention_projections(self, which: str = "all") -> list[str]:
+        """Names of the attention projection modules: `xattn-kv` (attn2 to_k/to_v, MACE) or
+        `all` (to_q/to_k/to_v/to_out.0 of every attention layer, diffusers' LoRA default)."""
+        projections = ("to_k", "to_v") if which == "xattn-kv" else ("to_q", "to_k", "to_v", "to_out.0")
+        layers = [name for name, _ in self.unet.named_modules()
+                  if name.endswith("attn2") or (which == "all" and name.endswith("attn1"))]
+        return [f"{layer}.{proj}" for layer in layers for proj in projections]
+
+    # ---- LoRA adapters (peft) ------------------------------------------------------------
+    def add_lora(self, name: str, targets: Sequence[str], rank: int, alpha: float | None = None,
+                 init: str | bool = True) -> dict[str, nn.Parameter]:
+        """Attach a peft LoRA adapter named `name` to the UNet modules `targets`, make it the
+        only trainable part, and return its parameters. `init=True` starts from a zero update."""
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=init)
+        self.unet.add_adapter(config, adapter_name=name)
+        self.unet.set_adapter(name)
+        params = {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{name}." in n}
+        for n, p in self.unet.named_parameters():
+            p.requires_grad_(n in params)
+        return params
+
+    def lora_deltas(self, name: str) -> dict[str, torch.Tensor]:
+        """Module name -> dW = scaling * B @ A of adapter `name`."""
+        out = {}
+        for module_name, module in self.unet.named_modules():
+            if hasattr(module, "lora_A") and name in module.lora_A:
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+                out[module_name] = (module.scaling[name] * b @ a).detach().clone()
+        return out
+
+    def remove_lora(self) -> None:
+        """Drop every adapter: the UNet is the plain model again (base weights as they were)."""
+        from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+        recurse_remove_peft_layers(self.unet)
+        if hasattr(self.unet, "peft_config"):
+            del self.unet.peft_config
+        self.unet._hf_peft_config_loaded = False
+
+    def merge_lora(self, name: str) -> list[str]:
+        """Fold adapter `name` into the base weights, remove the adapters, and return the names
+        of the weights that changed (for a changed-only save)."""
+        deltas = self.lora_deltas(name)
+        self.remove_lora()
+        modules = dict(self.unet.named_modules())
+        with torch.no_grad():
+            for module_name, delta in deltas.items():
+                modules[module_name].weight.add_(delta.to(modules[module_name].weight.dtype))
+        return [f"{m}.weight" for m in deltas]
+
+    @torch.no_grad()
+    def effective_weights(self) -> dict[str, torch.Tensor]:
+        """Every UNet weight under its plain name, with active LoRA updates folded in: the
+        model's weights as a merge would leave them (for distance diagnostics)."""
+        out = {}
+        deltas: dict[str, torch.Tensor] = {}
+        for module_name, module in self.unet.named_modules():
+            if hasattr(module, "lora_A") and hasattr(module, "active_adapters"):
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+                        delta = module.scaling[adapter] * b @ a
+                        deltas[module_name] = deltas.get(module_name, 0) + delta
+        for n, p in self.unet.named_parameters():
+            if "lora_" in n:
+                continue
+            plain = n.replace(".base_layer.", ".")
+            module_name = plain.rsplit(".", 1)[0]
+            value = p.detach()
+            if plain.endswith(".weight") and module_name in deltas:
+                value = value + deltas[module_name]
+            out[plain] = value
+        return out
+
     @contextlib.contextmanager
     def capture_attention(self) -> Iterator[dict[str, list[torch.Tensor]]]:
         store: dict[str, list[torch.Tensor]] = {}

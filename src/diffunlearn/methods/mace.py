@@ -90,26 +90,18 @@ class MACE(Method):
     def train_lora(self, concept: str) -> dict[str, torch.Tensor]:
         """Train a rank-r LoRA that suppresses the concept's attention inside its mask; return
         each adapted weight's delta (B A * scaling) and remove the adapter."""
-        from peft import LoraConfig
-
         from diffunlearn.engine.loop import LoopConfig, run_loop
 
-        unet = self.backend.unet
-        targets = [f"{name}.{proj}" for name, _, _ in self.backend.xattn_kv_layers() for proj in ("to_k", "to_v")]
         adapter = f"mace-{concept}"
-        unet.add_adapter(LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_rank, target_modules=targets,
-                                    init_lora_weights="gaussian"), adapter_name=adapter)
+        params = self.backend.add_lora(adapter, self.backend.attention_projections("xattn-kv"), self.cfg.lora_rank,
+                                       init="gaussian")
         try:
-            unet.set_adapter(adapter)
-            params = {n: p for n, p in unet.named_parameters() if "lora_" in n and adapter in n}
-            for n, p in unet.named_parameters():
-                p.requires_grad_(n in params)
             cfg = LoopConfig(steps=self.cfg.steps, lr=self.cfg.lr, seed=self.task.seed, progress=False,
                              description=f"mace lora ({concept})", log_every=max(1, self.cfg.steps))
             run_loop(params, lambda k, gen: self.attention_step(concept, gen), cfg)
-            return lora_deltas(unet, adapter)
+            return self.backend.lora_deltas(adapter)
         finally:
-            _remove_adapters(unet)
+            self.backend.remove_lora()
             self.backend.set_trainable(self.param_group())  # names are plain again; refresh grads
             self.backend.snapshot_teacher(self._original)
 
@@ -203,22 +195,3 @@ def attention_in_mask(store: dict[str, list[torch.Tensor]], masks: torch.Tensor,
             selected = probs * token_mask[:, None, None, :] * mask[:, None, :, None]
             losses.append(selected.pow(2).sum(dim=(2, 3)).mean())
     return torch.stack(losses).mean()
-
-
-def lora_deltas(unet, adapter: str) -> dict[str, torch.Tensor]:
-    """dW = scaling * B @ A for every module carrying the adapter."""
-    out = {}
-    for name, module in unet.named_modules():
-        if hasattr(module, "lora_A") and adapter in module.lora_A:
-            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-            out[name] = (module.scaling[adapter] * b @ a).detach().clone()
-    return out
-
-
-def _remove_adapters(unet) -> None:
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
-    recurse_remove_peft_layers(unet)
-    if hasattr(unet, "peft_config"):
-        del unet.peft_config
-    unet._hf_peft_config_loaded = False

@@ -16,3 +16,55 @@ def weight_distance(original: Mapping[str, torch.Tensor], current: Mapping[str, 
     diff = torch.sqrt(sum(((current[n].detach().float() - original[n].float()) ** 2).sum() for n in names))
     norm = torch.sqrt(sum((original[n].float() ** 2).sum() for n in names))
     return {"l2": float(diff), "relative": float(diff / norm.clamp_min(1e-12)), "tensors": len(names)}
+
+
+DISTANCE_GROUPS = ("xattn", "noxattn", "full")
+
+
+def weight_groups(name: str) -> tuple[str, ...]:
+    """The diagnostic groups a UNet weight belongs to (xattn and noxattn partition full)."""
+    return ("xattn" if ".attn2." in name else "noxattn", "full")
+
+
+class DistanceTracker:
+    """||theta_t - theta*|| and its change relative to ||theta*|| per parameter group over a run,
+    and ||theta_t - theta_0|| (how far this run moved the weights).
+
+    Only the `trained` weights are copied; every other weight keeps its start value, so its
+    contribution is computed once. An attack on an unlearned model then shows the distance
+    travelled back toward the original weights: dist(0) - dist(t).
+    """
+
+    def __init__(self, original: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
+                 trained: list[str]):
+        self.trained = [n for n in trained if n in original]
+        with torch.no_grad():
+            self.original = {n: original[n].detach().float().clone() for n in self.trained}
+            self.start = {n: start[n].detach().float().clone() for n in self.trained}
+            self.norm2 = dict.fromkeys(DISTANCE_GROUPS, 0.0)
+            self.fixed2 = dict.fromkeys(DISTANCE_GROUPS, 0.0)
+            keep = set(self.trained)
+            for n, value in original.items():
+                square = float(value.detach().float().pow(2).sum())
+                gap = 0.0 if n in keep else float((start[n].detach().float() - value.detach().float()).pow(2).sum())
+                for g in weight_groups(n):
+                    self.norm2[g] += square
+                    self.fixed2[g] += gap
+
+    @torch.no_grad()
+    def __call__(self, current: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        to_original = dict(self.fixed2)
+        moved = dict.fromkeys(DISTANCE_GROUPS, 0.0)
+        for n in self.trained:
+            value = current[n].detach().float()
+            d_orig = float((value - self.original[n]).pow(2).sum())
+            d_start = float((value - self.start[n]).pow(2).sum())
+            for g in weight_groups(n):
+                to_original[g] += d_orig
+                moved[g] += d_start
+        out = {}
+        for g in DISTANCE_GROUPS:
+            out[f"dist_{g}"] = to_original[g] ** 0.5
+            out[f"rel_{g}"] = to_original[g] ** 0.5 / max(self.norm2[g] ** 0.5, 1e-12)
+            out[f"moved_{g}"] = moved[g] ** 0.5
+        return out

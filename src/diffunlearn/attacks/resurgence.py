@@ -1,0 +1,160 @@
+"""`resurgence`: benign fine-tuning after unlearning ([000] §3, §5, App. C).
+
+Fine-tunes (fully or with a peft LoRA) on images of concepts other than the erased ones, with
+the plain denoising loss, and lets the caller measure whether the erased concepts come back.
+The fine-tuning set follows [000]'s protocols:
+- `random`: concepts of the erased concepts' own domain, chosen at random (paper: 10
+  celebrities x 5 prompt templates x 5 images); on the testbed `concepts` is capped by the
+  concepts available and the count used is recorded;
+- `terciles`: each in-domain candidate's similarity to the erased concepts in the text encoder's
+  embedding space (the concept token's output for its partial prompt; the paper uses CLIP),
+  taken as the **maximum** over erased concepts and split into three equal-count groups
+  (§5.1); `binning=equal-width` is App. C.2's variant (three equal-width bins of the
+  **minimum** similarity). `tercile` picks the group;
+- `out-of-domain`: concepts of the other domain (objects after erasing a style).
+Every concept is shown alone: a style on the neutral object (`none`), an object in the neutral
+style (`plain`), so no other in-domain concept appears. Captions come from five templates
+(words of the testbed's vocabulary); images are fresh canvas samples, or the original model's
+generations (`images=generated`, as the paper generated its sets).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import Field
+
+from diffunlearn.attacks.base import ATTACK_INDEX_OFFSET, Attack, AttackConfig, AttackData
+from diffunlearn.data import canvas
+from diffunlearn.data.tasks import TaskError
+
+STYLE_TEMPLATES = ("an image in {c} style", "an image of none in {c} style", "a {c} pattern", "{c} art",
+                   "an image of the {c} pattern")
+OBJECT_TEMPLATES = ("an image of {c}", "an image of {c} in plain style", "a {c} shape", "the {c} object",
+                    "an image of the {c}")
+TERCILES = ("low", "middle", "high")
+
+
+class ResurgenceConfig(AttackConfig):
+    data: Literal["random", "terciles", "out-of-domain"] = Field(
+        "random", description="random in-domain concepts | a similarity tercile of them | the other domain")
+    tercile: Literal["low", "middle", "high"] = Field("high", description="data=terciles: which group")
+    binning: Literal["quantile", "equal-width"] = Field(
+        "quantile", description="data=terciles: equal-count groups of the max similarity ([000] §5.1), or "
+                                "equal-width bins of the min similarity (App. C.2)")
+    concepts: int = Field(10, ge=1, description="concepts in the set (paper: 10; capped by those available)")
+    images_per_prompt: int = Field(5, ge=1, description="images per concept and template (paper: 5)")
+    images: Literal["canvas", "generated"] = Field(
+        "canvas", description="fresh canvas samples, or generations of the original model")
+    data_seed: int = Field(0, description="seed of the concept choice")
+
+
+class Resurgence(Attack):
+    Config = ResurgenceConfig
+    paper = "[000] §3, §5, App. C"
+    profiles = {
+        "paper": {"steps": 1000, "lr": 1e-5, "batch_size": 4, "param_group": "full", "eval_every": 250},
+        "testbed": {"steps": 300, "lr": 1e-4, "batch_size": 16, "param_group": "full", "eval_every": 50},
+    }
+
+    def build_data(self) -> AttackData:
+        import torch
+
+        concepts, info = self.choose_concepts()
+        pairs, prompts, indices = [], [], []
+        for concept in concepts:
+            pair = shown_alone(concept)
+            templates = STYLE_TEMPLATES if canvas.concept_domain(concept) == "style" else OBJECT_TEMPLATES
+            for k, template in enumerate(templates):
+                for i in range(self.cfg.images_per_prompt):
+                    pairs.append(pair)
+                    prompts.append(template.format(c=concept))
+                    indices.append(canvas.HELDOUT_OFFSET + ATTACK_INDEX_OFFSET + k * self.cfg.images_per_prompt + i)
+        if self.cfg.images == "canvas":
+            images = torch.from_numpy(canvas.render_batch(pairs, indices, seed=self.task.seed,
+                                                          size=self.task.image_size)[0])
+        else:
+            images = self.original.sample([canvas.full_prompt(*p) for p in pairs], indices,
+                                          steps=self.cfg.generation_steps,
+                                          guidance=self.cfg.generation_guidance).float().cpu()
+        info |= {"concepts": concepts, "templates": len(STYLE_TEMPLATES), "images_per_prompt":
+                 self.cfg.images_per_prompt, "images": self.cfg.images}
+        return AttackData(images, prompts, info, pairs=pairs)
+
+    def choose_concepts(self) -> tuple[list[str], dict]:
+        rng = random.Random(self.cfg.data_seed)
+        forget = self.task.forget
+        domains = {canvas.concept_domain(c) for c in forget}
+        if self.cfg.data == "out-of-domain":
+            if len(domains) > 1:
+                raise TaskError("resurgence data=out-of-domain needs forget concepts of one domain")
+            candidates = [c for c in canvas.erasable_concepts() if canvas.concept_domain(c) not in domains]
+        else:
+            candidates = [c for c in canvas.erasable_concepts()
+                          if canvas.concept_domain(c) in domains and c not in forget]
+        info: dict = {"data": self.cfg.data, "candidates": len(candidates)}
+        if self.cfg.data == "terciles":
+            similarity = concept_similarity(self.backend, candidates, forget)
+            groups, scores = tercile_groups(similarity, self.cfg.binning)
+            candidates = groups[self.cfg.tercile]
+            info |= {"tercile": self.cfg.tercile, "binning": self.cfg.binning, "scores": scores,
+                     "groups": groups}
+            if not candidates:
+                raise TaskError(f"the {self.cfg.tercile} similarity bin ({self.cfg.binning}) is empty; "
+                                "use binning=quantile or another tercile")
+        chosen = sorted(rng.sample(candidates, min(self.cfg.concepts, len(candidates))))
+        info["concepts_requested"] = self.cfg.concepts
+        return chosen, info
+
+
+def shown_alone(concept: str) -> tuple[str, str]:
+    """The (style, object) pair that shows `concept` and no other erasable concept."""
+    if canvas.concept_domain(concept) == "style":
+        return concept, canvas.NEUTRAL_OBJECT
+    return canvas.NEUTRAL_STYLE, concept
+
+
+def concept_similarity(backend, candidates: list[str], erased: list[str]) -> dict[str, dict[str, float]]:
+    """Cosine similarity of each candidate to each erased concept in the text encoder's output
+    space: the mean output at the concept's token(s) of its partial prompt."""
+    import torch
+
+    def embedding(concept: str) -> torch.Tensor:
+        prompt = canvas.style_prompt(concept) if canvas.concept_domain(concept) == "style" \
+            else canvas.object_prompt(concept)
+        positions = backend.token_positions(prompt, concept)
+        return backend.encode([prompt])[0, positions].float().mean(0)
+
+    erased_vectors = {e: embedding(e) for e in erased}
+    return {c: {e: float(torch.nn.functional.cosine_similarity(embedding(c), v, dim=0))
+                for e, v in erased_vectors.items()} for c in candidates}
+
+
+def tercile_groups(similarity: Mapping[str, Mapping[str, float]], binning: str = "quantile"
+                   ) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """Split candidates into low / middle / high similarity to the erased concepts.
+
+    quantile ([000] §5.1): score = maximum similarity over erased concepts; candidates sorted
+    by score (ties by name) and cut into three groups of equal count (sizes differ by at most
+    one, the larger groups first). equal-width (App. C.2): score = minimum similarity; three
+    bins of equal width between the lowest and highest score (a bin may be empty).
+    """
+    reduce = max if binning == "quantile" else min
+    scores = {c: reduce(sims.values()) for c, sims in similarity.items()}
+    ordered = sorted(scores, key=lambda c: (scores[c], c))
+    groups: dict[str, list[str]] = {name: [] for name in TERCILES}
+    if binning == "quantile":
+        size, extra = divmod(len(ordered), 3)
+        start = 0
+        for g, name in enumerate(TERCILES):
+            end = start + size + (1 if g < extra else 0)
+            groups[name] = ordered[start:end]
+            start = end
+    else:
+        low, high = (scores[ordered[0]], scores[ordered[-1]]) if ordered else (0.0, 0.0)
+        width = (high - low) / 3 or 1.0
+        for c in ordered:
+            groups[TERCILES[min(2, int((scores[c] - low) / width))]].append(c)
+    return groups, scores
