@@ -151,8 +151,12 @@ def test_distance_tracker_measures_the_way_back():
     at_start = tracker(start)
     assert at_start["dist_full"] == pytest.approx(5.0) and at_start["moved_full"] == 0
     assert at_start["dist_xattn"] == pytest.approx(3.0) and at_start["dist_noxattn"] == pytest.approx(4.0)
+    assert at_start["dist_unlearned"] == pytest.approx(5.0)  # both weights differ from the original
     back = tracker({**start, "down.attn2.to_k.weight": torch.zeros(2)})
     assert back["dist_full"] == pytest.approx(4.0) and back["moved_xattn"] == pytest.approx(3.0)
+    untouched = DistanceTracker(original, original, trained=["down.conv.weight"])
+    away = untouched({**original, "down.conv.weight": torch.ones(3)})
+    assert away["dist_unlearned"] == 0 and away["dist_full"] == pytest.approx(3 ** 0.5)
 
 
 def test_every_attack_config_validates_and_has_both_profiles():

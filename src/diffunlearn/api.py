@@ -352,10 +352,11 @@ def attack_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
     for key in ("retain_acc", "IRA", "CRA", "FID", "UA"):
         if key in first:
             out[f"{key}_before"], out[f"{key}_after"] = first[key], last[key]
-    d0, d1 = first["dist_full"], last["dist_full"]
+    d0, d1 = first["dist_unlearned"], last["dist_unlearned"]
     out["distance_to_original_before"], out["distance_to_original_after"] = d0, d1
-    out["travelled_back"] = d0 - d1
+    out["travelled_back"] = d0 - d1  # on the weights the unlearning changed
     out["travelled_back_fraction"] = (d0 - d1) / d0 if d0 > 0 else None
+    out["distance_full_after"] = last["dist_full"]
     out["moved"] = last["moved_full"]
     return out
 

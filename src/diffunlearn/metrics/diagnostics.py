@@ -18,12 +18,14 @@ def weight_distance(original: Mapping[str, torch.Tensor], current: Mapping[str, 
     return {"l2": float(diff), "relative": float(diff / norm.clamp_min(1e-12)), "tensors": len(names)}
 
 
-DISTANCE_GROUPS = ("xattn", "noxattn", "full")
+DISTANCE_GROUPS = ("xattn", "noxattn", "full", "unlearned")
 
 
-def weight_groups(name: str) -> tuple[str, ...]:
-    """The diagnostic groups a UNet weight belongs to (xattn and noxattn partition full)."""
-    return ("xattn" if ".attn2." in name else "noxattn", "full")
+def weight_groups(name: str, unlearned: bool = False) -> tuple[str, ...]:
+    """The diagnostic groups a UNet weight belongs to: xattn and noxattn partition full;
+    `unlearned` holds the weights that differ from the original at the start of the run (what
+    an unlearning changed), where the way back toward the original is measured."""
+    return ("xattn" if ".attn2." in name else "noxattn", "full", *(("unlearned",) if unlearned else ()))
 
 
 class DistanceTracker:
@@ -32,24 +34,27 @@ class DistanceTracker:
 
     Only the `trained` weights are copied; every other weight keeps its start value, so its
     contribution is computed once. An attack on an unlearned model then shows the distance
-    travelled back toward the original weights: dist(0) - dist(t).
+    travelled back toward the original weights: dist_unlearned(0) - dist_unlearned(t).
     """
 
     def __init__(self, original: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
                  trained: list[str]):
         self.trained = [n for n in trained if n in original]
+        keep = set(self.trained)
         with torch.no_grad():
             self.original = {n: original[n].detach().float().clone() for n in self.trained}
             self.start = {n: start[n].detach().float().clone() for n in self.trained}
+            self.groups: dict[str, tuple[str, ...]] = {}
             self.norm2 = dict.fromkeys(DISTANCE_GROUPS, 0.0)
             self.fixed2 = dict.fromkeys(DISTANCE_GROUPS, 0.0)
-            keep = set(self.trained)
             for n, value in original.items():
-                square = float(value.detach().float().pow(2).sum())
-                gap = 0.0 if n in keep else float((start[n].detach().float() - value.detach().float()).pow(2).sum())
-                for g in weight_groups(n):
+                value = value.detach().float()
+                gap = float((start[n].detach().float() - value).pow(2).sum())
+                self.groups[n] = weight_groups(n, unlearned=gap > 0)
+                square = float(value.pow(2).sum())
+                for g in self.groups[n]:
                     self.norm2[g] += square
-                    self.fixed2[g] += gap
+                    self.fixed2[g] += 0.0 if n in keep else gap
 
     @torch.no_grad()
     def __call__(self, current: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -59,7 +64,7 @@ class DistanceTracker:
             value = current[n].detach().float()
             d_orig = float((value - self.original[n]).pow(2).sum())
             d_start = float((value - self.start[n]).pow(2).sum())
-            for g in weight_groups(n):
+            for g in self.groups[n]:
                 to_original[g] += d_orig
                 moved[g] += d_start
         out = {}
