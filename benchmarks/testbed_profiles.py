@@ -25,10 +25,14 @@ GRID = {
     "esd-u": {"method.lr": [1e-5, 3e-5], "method.steps": [100]},
     "core": {"method.lr": [3e-4, 1e-3], "method.epochs": [20, 40]},
     "dimum": {"method.lr": [1e-4, 3e-4], "method.steps": [150, 300]},
-    "sfront": {"method.lr": [1e-5, 2e-5], "method.steps": [100]},
+    "sfront": {"method.lr": [5e-5, 1e-4], "method.beta": [10.0]},
     "salun": {"method.lr": [1e-4, 3e-4], "method.epochs": [40]},
     "erasediff": {"method.lr": [5e-5, 1e-4], "method.steps": [100]},
-    "shs": {"method.lr": [5e-5, 1e-4], "method.steps": [100]},
+    "shs": {"method.lr": [1e-4, 2e-4], "method.sparsity": [0.9999, 0.99999]},
+    "uce": {"method.lamb": [0.05, 0.5], "method.erase_scale": [5.0, 20.0]},
+    "advanchor": {"method.lr": [2e-4, 3e-4, 1e-3]},
+    "sdd": {"method.lr": [1e-4, 1.5e-4, 3e-4]},
+    "erasediff-sum": {"method.forget_weight": [0.005, 0.02, 0.1]},
     "mace": {"method.lr": [1e-3], "method.lamb": [10.0, 100.0]},
 }
 FAST_EVAL = ["eval.images_per_prompt=2", "eval.partial_images=8", "eval.bootstrap=200"]

@@ -46,8 +46,11 @@ class AdvAnchor(Method):
     trains = "cross-attention (xattn)"
     profiles = {
         "paper": {"lr": 1e-5, "batch_size": 1, "steps": 50, "lam": 10.0, "param_group": "xattn"},
-        # the tiny text encoder's embeddings need a larger e_adv step to reach cosine 0 within S
-        "testbed": {"lr": 1e-3, "batch_size": 8, "steps": 60, "lam": 10.0, "adv_lr": 1e-2, "param_group": "xattn"},
+        # the tiny text encoder's embeddings need a larger e_adv step to reach cosine 0 within S.
+        # measured forgetting `dotted` (60 steps): lr 1e-3: UA 100, IRA 87.5, CRA 99.5, SFID 3.4;
+        # lr 1e-4: UA 5, SFID 80.6; lr 2e-4: UA 75, IRA 99.5, CRA 99, SFID 60.3; lr 3e-4 x 40 steps: UA 80,
+        # SFID 48.4; lr 3e-4: UA 100, IRA 99.5, CRA 99, SFID 42 (chosen)
+        "testbed": {"lr": 3e-4, "batch_size": 8, "steps": 60, "lam": 10.0, "adv_lr": 1e-2, "param_group": "xattn"},
     }
 
     def __init__(self, cfg, backend, task):

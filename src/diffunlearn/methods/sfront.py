@@ -25,7 +25,11 @@ class Sfront(Method):
     trains = "full UNet"
     profiles = {
         "paper": {"lr": 1e-5, "batch_size": 4, "steps": 1000, "beta": 1.0, "param_group": "full"},
-        "testbed": {"lr": 5e-5, "batch_size": 16, "steps": 100, "beta": 1.0, "param_group": "full"},
+        # measured forgetting `dotted` (100 steps): no setting erases it (UA 0): ascent on D_f
+        # exaggerates the dots, and the wrecked samples still classify as `dotted`. beta 1: lr 1e-5:
+        # UA 0, IRA 98, CRA 98, SFID 26.9; 2e-5: IRA 98.5, CRA 83.5, SFID 3.7; 5e-5: IRA 37.5, CRA 28;
+        # beta 10: lr 1e-4: IRA 75.5, CRA 94, SFID 1.5; lr 5e-5: UA 0, IRA 98.5, CRA 99, SFID 29.4 (chosen)
+        "testbed": {"lr": 5e-5, "batch_size": 16, "steps": 100, "beta": 10.0, "param_group": "full"},
     }
 
     def terms(self) -> list[Term]:
