@@ -188,6 +188,7 @@ def test_erase_then_attack_end_to_end(tiny_model_dir, evaluator_dir, tmp_path, o
     summary = metrics["summary"]
     assert summary["AR_DiMRA_top1"] == max(r["AR_MU_top1"] for r in metrics["curve"][1:])
     assert summary["AR_CL_min"] == min(r["AR_CL"] for r in metrics["curve"][1:])  # CORE has anchors
+    assert summary["forget_acc_after"] == metrics["curve"][-1]["AR_MU_top1"] == metrics["after"]["AR_MU_top1"]
     assert summary["distance_to_original_before"] > 0  # the erase moved the weights
     assert metrics["before"]["UA"] == pytest.approx(erased.metrics["after"]["UA"])  # same model, same seeds
     config = yaml.safe_load((out / "config.yaml").read_text())

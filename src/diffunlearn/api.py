@@ -346,6 +346,8 @@ def attack_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
             out[f"AR_DiMRA_{k}"] = best[key]
             out[f"AR_DiMRA_{k}_step"] = best["step"]
             out[f"AR_final_{k}"] = last[key]
+    if "AR_MU_top1" in first:  # [000]'s forget accuracy: generations classified as the erased concept
+        out["forget_acc_before"], out["forget_acc_after"] = first["AR_MU_top1"], last["AR_MU_top1"]
     if "AR_CL" in first:
         out["AR_CL_before"] = first["AR_CL"]
         out["AR_CL_min"] = min(r["AR_CL"] for r in during)
