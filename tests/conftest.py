@@ -69,3 +69,16 @@ def build_tiny_evaluators(seed: int = 0):
 @pytest.fixture
 def tiny_evaluators():
     return build_tiny_evaluators()
+
+
+# evaluation overrides small enough for a tiny model end to end (erase and attack tests)
+TINY_EVAL = ["eval.images_per_prompt=1", "eval.partial_images=1", "eval.steps=2", "eval.bootstrap=10",
+             "eval.fid_reference_per_pair=1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_evaluator_dir(tmp_path_factory):
+    """Tiny evaluators saved as a folder, for `eval.evaluators=...`."""
+    folder = tmp_path_factory.mktemp("evaluators")
+    build_tiny_evaluators().save(folder, {"width": 8, "feature_dim": 8})
+    return folder

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import TINY_EVAL
 
 import diffunlearn
 from diffunlearn.attacks import attacks
@@ -17,18 +18,6 @@ from diffunlearn.data import canvas
 from diffunlearn.data.tasks import UnlearningTask
 from diffunlearn.engine.loop import step_generator
 from diffunlearn.metrics.diagnostics import DistanceTracker
-
-TINY_EVAL = ["eval.images_per_prompt=1", "eval.partial_images=1", "eval.steps=2", "eval.bootstrap=10",
-             "eval.fid_reference_per_pair=1"]
-
-
-@pytest.fixture(scope="module")
-def evaluator_dir(tmp_path_factory):
-    from conftest import build_tiny_evaluators
-
-    folder = tmp_path_factory.mktemp("evaluators")
-    build_tiny_evaluators().save(folder, {"width": 8, "feature_dim": 8})
-    return folder
 
 
 def small_task(forget=("dotted",)):
@@ -167,16 +156,16 @@ def test_every_attack_config_validates_and_has_both_profiles():
             cls.Config(**cls.profiles[profile])
 
 
-def test_erase_then_attack_end_to_end(tiny_model_dir, evaluator_dir, tmp_path, one_thread):
+def test_erase_then_attack_end_to_end(tiny_model_dir, tiny_evaluator_dir, tmp_path, one_thread):
     erase_out = tmp_path / "erase"
     erase_overrides = ["method.epochs=null", "method.steps=2", "method.batch_size=2", "task.images_per_pair=1",
-                       f"eval.evaluators={evaluator_dir}", *TINY_EVAL]
+                       f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
     erased = diffunlearn.erase("core", ["dotted"], model=tiny_model_dir, out=erase_out, overrides=erase_overrides,
                                progress=False)
     assert (erase_out / "diagnostics.csv").exists()  # distance per group over the unlearning
 
     overrides = ["attack.steps=4", "attack.eval_every=2", "attack.batch_size=2", "attack.checkpoint_every=2",
-                 f"eval.evaluators={evaluator_dir}", *TINY_EVAL]
+                 f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
     run = diffunlearn.attack("relearn", erase_out, overrides=overrides, progress=False)
     out = erase_out / "attacks" / f"relearn-{run.run_id}"
     assert run.out == out
@@ -201,10 +190,10 @@ def test_erase_then_attack_end_to_end(tiny_model_dir, evaluator_dir, tmp_path, o
     assert diffunlearn.attack("relearn", erase_out, overrides=overrides, progress=False).skipped
 
 
-def test_attack_on_the_original_model_needs_forget(tiny_model_dir, evaluator_dir, tmp_path, one_thread):
+def test_attack_on_the_original_model_needs_forget(tiny_model_dir, tiny_evaluator_dir, tmp_path, one_thread):
     from diffunlearn.data.tasks import TaskError
 
-    overrides = ["attack.steps=2", "attack.batch_size=2", f"eval.evaluators={evaluator_dir}", *TINY_EVAL,
+    overrides = ["attack.steps=2", "attack.batch_size=2", f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL,
                  "task.images_per_pair=1"]
     with pytest.raises(TaskError, match="--forget"):
         diffunlearn.attack("relearn", tiny_model_dir, out=tmp_path / "x", overrides=overrides, progress=False)

@@ -7,22 +7,11 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import TINY_EVAL
 
 import diffunlearn
 from diffunlearn.data import canvas
 from diffunlearn.methods.core import Core
-
-TINY_EVAL = ["eval.images_per_prompt=1", "eval.partial_images=1", "eval.steps=2", "eval.bootstrap=10",
-             "eval.fid_reference_per_pair=1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_evaluator_dir(tmp_path_factory):
-    from conftest import build_tiny_evaluators
-
-    folder = tmp_path_factory.mktemp("evaluators")
-    build_tiny_evaluators().save(folder, {"width": 8, "feature_dim": 8})
-    return folder
 
 
 def test_erase_then_evaluate_writes_a_complete_run(tiny_model_dir, tiny_evaluator_dir, tmp_path):

@@ -55,13 +55,30 @@ def erase(method: str | None, forget: list[str] | None = None, retain: list[str]
     `notify` receives one line saying which of the three happens."""
     resolved = resolve_erase(method, forget, retain, model, config, overrides)
     out_dir = Path(out) if out else resolved.default_out()
-    state = prepare_run_dir(out_dir, resolved.run_id, "erase")
-    if notify:
-        verb = {"done": "is already complete", "resume": "resumes", "new": "starts"}[state]
-        notify(f"run {resolved.run_id} ({resolved.method}, profile {resolved.profile}) {verb} in {out_dir}")
+    state = _start(out_dir, resolved.run_id, "erase", f"run {resolved.run_id} ({resolved.method}, profile "
+                   f"{resolved.profile})", notify)
     if state == "done":
         return _load_run(out_dir, skipped=True)
     return _execute_erase(resolved, out_dir, threads, progress)
+
+
+def _start(out: Path, run_id: str, kind: str, label: str, notify: Callable[[str], None] | None) -> str:
+    """The state of a run directory ('new', 'resume' or 'done'), told to `notify` in one line."""
+    state = prepare_run_dir(out, run_id, kind)
+    if notify:
+        verb = {"done": "is already complete", "resume": "resumes", "new": "starts"}[state]
+        notify(f"{label} {verb} in {out}")
+    return state
+
+
+def _loop_config(c, steps: int, seed: int, progress: bool, description: str, **extra):
+    """The shared loop's settings from a method's or an attack's TrainConfig."""
+    from diffunlearn.engine.loop import LoopConfig
+
+    return LoopConfig(steps=steps, lr=c.lr, optimizer=c.optimizer, weight_decay=c.weight_decay,
+                      grad_clip=c.grad_clip, warmup=c.warmup, schedule=c.schedule, seed=seed,
+                      log_every=c.log_every, checkpoint_every=c.checkpoint_every, progress=progress,
+                      description=description, **extra)
 
 
 def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progress: bool) -> Run:
@@ -69,9 +86,9 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
 
     from diffunlearn.backends.diffusers_t2i import T2IModel
     from diffunlearn.data.tasks import UnlearningTask
-    from diffunlearn.engine.loop import LoopConfig, run_loop, write_curves
+    from diffunlearn.engine.loop import run_loop, write_curves
     from diffunlearn.methods import methods
-    from diffunlearn.metrics.diagnostics import weight_distance
+    from diffunlearn.metrics.diagnostics import DistanceTracker, weight_distance
 
     out.mkdir(parents=True, exist_ok=True)
     handler = _attach_log(out / "log.txt")
@@ -102,15 +119,11 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
         params = model.set_trainable(method.param_group())
         method.setup()
         c = resolved.method_config
-        loop_cfg = LoopConfig(steps=steps, lr=c.lr, optimizer=c.optimizer, weight_decay=c.weight_decay,
-                              grad_clip=c.grad_clip, warmup=c.warmup, schedule=c.schedule, seed=resolved.seed,
-                              log_every=c.log_every, checkpoint_every=c.checkpoint_every, progress=progress,
-                              description=f"erase ({resolved.method})")
-        from diffunlearn.metrics.diagnostics import DistanceTracker
-
+        # diagnostics every log_every steps: each group's distance from the original weights
+        loop_cfg = _loop_config(c, steps, resolved.seed, progress, f"erase ({resolved.method})",
+                                hook_every=c.log_every)
         start = {n: p.detach() for n, p in model.unet.named_parameters()}
         tracker = DistanceTracker(start, start, list(params))
-        loop_cfg.hook_every = c.log_every
         rss_before = _peak_rss_mb()
         model.counters = dict.fromkeys(model.counters, 0)  # count the unlearning only, not the evaluation
         if method.closed_form:
@@ -166,10 +179,8 @@ def attack(name: str | None, model: str | Path | None = None, forget: list[str] 
 
     resolved = resolve_attack(name, model, forget, config, overrides, original)
     out_dir = Path(out) if out else resolved.default_out()
-    state = prepare_run_dir(out_dir, resolved.run_id, "attack")
-    if notify:
-        verb = {"done": "is already complete", "resume": "resumes", "new": "starts"}[state]
-        notify(f"attack {resolved.run_id} ({resolved.attack} on {resolved.model_dir}) {verb} in {out_dir}")
+    state = _start(out_dir, resolved.run_id, "attack", f"attack {resolved.run_id} ({resolved.attack} on "
+                   f"{resolved.model_dir})", notify)
     if state == "done":
         return _load_run(out_dir, skipped=True)
     return _execute_attack(resolved, out_dir, threads, progress)
@@ -196,7 +207,7 @@ def _execute_attack(resolved, out: Path, threads: int | None, progress: bool) ->
     from diffunlearn.attacks import attacks
     from diffunlearn.backends.diffusers_t2i import T2IModel
     from diffunlearn.data.tasks import UnlearningTask
-    from diffunlearn.engine.loop import LoopConfig, run_loop, write_curves
+    from diffunlearn.engine.loop import run_loop, write_curves
     from diffunlearn.metrics.diagnostics import DistanceTracker
 
     out.mkdir(parents=True, exist_ok=True)
@@ -235,10 +246,8 @@ def _execute_attack(resolved, out: Path, threads: int | None, progress: bool) ->
         evaluators = load_evaluators(resolved.eval.evaluators) if resolved.eval.enabled else None
         watcher = _AttackWatcher(model, evaluators, task.forget, resolved, tracker, out, progress)
         params = attack_obj.trainable()
-        loop_cfg = LoopConfig(steps=c.steps, lr=c.lr, optimizer=c.optimizer, weight_decay=c.weight_decay,
-                              grad_clip=c.grad_clip, warmup=c.warmup, schedule=c.schedule, seed=resolved.seed,
-                              log_every=c.log_every, checkpoint_every=c.checkpoint_every, progress=progress,
-                              hook_every=c.eval_every or c.steps, description=f"attack ({resolved.attack})")
+        loop_cfg = _loop_config(c, c.steps, resolved.seed, progress, f"attack ({resolved.attack})",
+                                hook_every=c.eval_every or c.steps)
         model.counters = dict.fromkeys(model.counters, 0)
         result = run_loop(params, attack_obj.step, loop_cfg, checkpoint_dir=out / "checkpoint",
                           hooks=[watcher])
@@ -289,10 +298,8 @@ class _AttackWatcher:
             return row
         from diffunlearn.metrics.evaluate import evaluate_model
 
-        before = self.full("before")
-        reference = before.metrics.get("FID") if before is not None else None
         result = evaluate_model(self.model, self.evaluators, self.forget, self.resolved.eval,
-                                alternatives=self.resolved.alternatives, reference_fid=reference,
+                                alternatives=self.resolved.alternatives, reference_fid=self._reference_fid(),
                                 progress=False)
         m = result.metrics
         if step == 0:
@@ -307,25 +314,20 @@ class _AttackWatcher:
         return row
 
     def _store(self, which: str, result) -> None:
-        import numpy as np
+        result.save(self.out / "evaluations" / which)
 
-        folder = self.out / "evaluations" / which
-        folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / "images.npy", result.images.numpy(), allow_pickle=False)
-        _write_json(folder / "metrics.json", {"metrics": result.metrics, "plan": [p.to_dict() for p in result.plan]})
+    def _reference_fid(self) -> float | None:
+        """SFID's reference: the FID before the attack (read once; a resumed run reads it from disk)."""
+        if self.reference_fid is None:
+            before = self.full("before")
+            self.reference_fid = before.metrics.get("FID") if before is not None else None
+        return self.reference_fid
 
     def full(self, which: str):
-        import numpy as np
-        import torch
-
         from diffunlearn.metrics.evaluate import Evaluation
 
         folder = self.out / "evaluations" / which
-        if not (folder / "metrics.json").exists():
-            return None
-        saved = json.loads((folder / "metrics.json").read_text())
-        images = torch.from_numpy(np.load(folder / "images.npy", allow_pickle=False))
-        return Evaluation(metrics=saved["metrics"], images=images, plan=saved["plan"])
+        return Evaluation.load(folder) if (folder / "metrics.json").exists() else None
 
 
 def attack_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
@@ -432,9 +434,6 @@ def _evaluate_cached(model, evaluators, forget, resolved: ResolvedRun, alternati
     every erase run of the same model and concepts starts from the same 'before'."""
     if evaluators is None:
         return None
-    import numpy as np
-    import torch
-
     from diffunlearn.config import config_hash
     from diffunlearn.data.tasks import cache_dir
     from diffunlearn.metrics.evaluate import Evaluation
@@ -444,15 +443,11 @@ def _evaluate_cached(model, evaluators, forget, resolved: ResolvedRun, alternati
     folder = cache_dir() / "evaluations" / key
     if (folder / "metrics.json").exists() and (folder / "images.npy").exists():
         try:
-            images = torch.from_numpy(np.load(folder / "images.npy", allow_pickle=False))
-            saved = json.loads((folder / "metrics.json").read_text())
-            return Evaluation(metrics=saved["metrics"], images=images, plan=saved["plan"])
+            return Evaluation.load(folder)
         except (OSError, ValueError, KeyError):
             pass  # a corrupt cache entry is recomputed
     result = _evaluate(model, evaluators, forget, resolved, alternatives, None, progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "images.npy", result.images.numpy(), allow_pickle=False)
-    _write_json(folder / "metrics.json", {"metrics": result.metrics, "plan": [p.to_dict() for p in result.plan]})
+    result.save(folder)
     return result
 
 

@@ -103,12 +103,55 @@ class ResolvedRun:
         return Path("runs") / f"{self.method}-{self.run_id}"
 
 
-def read_config_file(config_file: str | Path | None) -> dict[str, Any]:
+def read_config_file(config_file: str | Path | None, keys: tuple[str, ...] = TOP_LEVEL_KEYS) -> dict[str, Any]:
     data = load_yaml(config_file) if config_file else {}
-    unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
+    unknown = sorted(set(data) - set(keys))
     if unknown:
-        raise ConfigError(f"unknown config key '{unknown[0]}'; valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
+        raise ConfigError(f"unknown config key '{unknown[0]}'; valid top-level keys: {', '.join(keys)}")
     return data
+
+
+def named_section(data: dict[str, Any], key: str, given: str | None, registry) -> tuple[str, dict[str, Any]]:
+    """The component named on the command line (`given`) or in section `key` (a name or a mapping
+    with `name`), checked against `registry`, and the section's other settings."""
+    section = data.get(key) or {}
+    if isinstance(section, str):
+        section = {"name": section}
+    if not isinstance(section, dict):
+        raise ConfigError(f"config key '{key}' must be a mapping (name, profile and hyperparameters)")
+    section = dict(section)
+    name = given or section.get("name")
+    if not name:
+        raise ConfigError(f"no {registry.kind} given; valid {registry.kind}s: {', '.join(registry.names())}")
+    if given and section.get("name") not in (None, given):
+        raise ConfigError(f"the config names {registry.kind} '{section['name']}' but the command line '{given}'")
+    registry.check(name)
+    section.pop("name", None)
+    return name, section
+
+
+def resolve_model(data: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The model folder of a config's `model` (a path or a mapping with `path`), checked, and its meta."""
+    model_value = data.get("model")
+    if isinstance(model_value, dict):
+        model_value = build(ModelSection, model_value, "model.").path
+    model_dir = model_folder(model_value)
+    return model_dir, check_model_dir(model_dir)
+
+
+def profiled_config(component, section: dict[str, Any], model_dir: Path, meta: dict, prefix: str) -> tuple[str, Any]:
+    """A component's config: its profile (default `testbed` on the testbed, else `paper`) < `section`."""
+    profile = section.pop("profile", None) or ("testbed" if is_testbed(model_dir, meta) else "paper")
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile}'; valid profiles: {', '.join(PROFILES)}")
+    return profile, build(component.Config, deep_merge(component.profiles.get(profile, {}), section), prefix)
+
+
+def resolve_seed(data: dict[str, Any]) -> int:
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int):
+        raise ConfigError(f"bad value for 'seed': expected an integer, got {seed!r}")
+    return seed
 
 
 def resolve_erase(method: str | None, forget: list[str] | None = None, retain: list[str] | None = None,
@@ -128,41 +171,17 @@ def resolve_erase(method: str | None, forget: list[str] | None = None, retain: l
         flags["model"] = str(model)
     data = apply_overrides(deep_merge(data, flags), overrides or [])
 
-    method_data = data.get("method") or {}
-    if isinstance(method_data, str):
-        method_data = {"name": method_data}
-    if not isinstance(method_data, dict):
-        raise ConfigError("config key 'method' must be a mapping (name, profile and hyperparameters)")
-    method_data = dict(method_data)
-    name = method or method_data.get("name")
-    if not name:
-        raise ConfigError(f"no method given; valid methods: {', '.join(methods.names())}")
-    if method and method_data.get("name") not in (None, method):
-        raise ConfigError(f"the config names method '{method_data['name']}' but the command line '{method}'")
-    methods.check(name)
-    method_data.pop("name", None)
-
-    model_value = data.get("model")
-    if isinstance(model_value, dict):
-        model_value = build(ModelSection, model_value, "model.").path
-    model_dir = model_folder(model_value)
-    meta = check_model_dir(model_dir)
-
-    profile = method_data.pop("profile", None) or ("testbed" if is_testbed(model_dir, meta) else "paper")
-    if profile not in PROFILES:
-        raise ConfigError(f"unknown profile '{profile}'; valid profiles: {', '.join(PROFILES)}")
-    method_cls = methods.get(name)
-    method_config = build(method_cls.Config, deep_merge(method_cls.profiles.get(profile, {}), method_data), "method.")
+    name, method_data = named_section(data, "method", method, methods)
+    model_dir, meta = resolve_model(data)
+    profile, method_config = profiled_config(methods.get(name), method_data, model_dir, meta, "method.")
 
     task = build(TaskConfig, data.get("task") or {}, "task.")
     validate_concepts(task.forget, task.retain)
     validate_anchor_scheme(task.anchor_scheme)
     eval_cfg = build(EvalConfig, data.get("eval") or {}, "eval.")
     check_evaluators(eval_cfg)
-    seed = data.get("seed", 0)
-    if not isinstance(seed, int):
-        raise ConfigError(f"bad value for 'seed': expected an integer, got {seed!r}")
-    return ResolvedRun(name, method_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir), seed)
+    return ResolvedRun(name, method_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir),
+                       resolve_seed(data))
 
 
 def check_evaluators(eval_cfg: EvalConfig) -> None:
@@ -291,10 +310,7 @@ def resolve_attack(attack: str | None, model: str | Path | None = None, forget: 
     not an erase run (the original model or a retrain, as controls)."""
     from diffunlearn.attacks import attacks
 
-    data = load_yaml(config_file) if config_file else {}
-    unknown = sorted(set(data) - set(ATTACK_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown config key '{unknown[0]}'; valid top-level keys: {', '.join(ATTACK_KEYS)}")
+    data = read_config_file(config_file, ATTACK_KEYS)
     flags: dict[str, Any] = {}
     if model:
         flags["model"] = str(model)
@@ -302,35 +318,13 @@ def resolve_attack(attack: str | None, model: str | Path | None = None, forget: 
         flags["original"] = str(original)
     data = apply_overrides(deep_merge(data, flags), overrides or [])
 
-    attack_data = data.get("attack") or {}
-    if isinstance(attack_data, str):
-        attack_data = {"name": attack_data}
-    if not isinstance(attack_data, dict):
-        raise ConfigError("config key 'attack' must be a mapping (name, profile and hyperparameters)")
-    attack_data = dict(attack_data)
-    name = attack or attack_data.get("name")
-    if not name:
-        raise ConfigError(f"no attack given; valid attacks: {', '.join(attacks.names())}")
-    if attack and attack_data.get("name") not in (None, attack):
-        raise ConfigError(f"the config names attack '{attack_data['name']}' but the command line '{attack}'")
-    attacks.check(name)
-    attack_data.pop("name", None)
-
-    model_value = data.get("model")
-    if isinstance(model_value, dict):
-        model_value = build(ModelSection, model_value, "model.").path
-    model_dir = model_folder(model_value)
-    meta = check_model_dir(model_dir)
+    name, attack_data = named_section(data, "attack", attack, attacks)
+    model_dir, meta = resolve_model(data)
     source_run = source_run_of(model_dir)
     original_dir = model_folder(data["original"]) if data.get("original") else original_of(model_dir, meta)
     check_model_dir(original_dir)
 
-    profile = attack_data.pop("profile", None) or ("testbed" if is_testbed(model_dir, meta) else "paper")
-    if profile not in PROFILES:
-        raise ConfigError(f"unknown profile '{profile}'; valid profiles: {', '.join(PROFILES)}")
-    attack_cls = attacks.get(name)
-    attack_config = build(attack_cls.Config, deep_merge(attack_cls.profiles.get(profile, {}), attack_data),
-                          "attack.")
+    profile, attack_config = profiled_config(attacks.get(name), attack_data, model_dir, meta, "attack.")
 
     task_data = _source_task(source_run)
     task_data = deep_merge(task_data, data.get("task") or {})
@@ -349,14 +343,11 @@ def resolve_attack(attack: str | None, model: str | Path | None = None, forget: 
     validate_concepts(task.forget, task.retain)
     eval_cfg = build(EvalConfig, data.get("eval") or {}, "eval.")
     check_evaluators(eval_cfg)
-    seed = data.get("seed", 0)
-    if not isinstance(seed, int):
-        raise ConfigError(f"bad value for 'seed': expected an integer, got {seed!r}")
     alternatives = alternatives_of(meta, source_run)
     if alternatives is not None:
         alternatives = {c: list(a) for c, a in alternatives.items() if c in task.forget} or None
     return ResolvedAttack(name, attack_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir),
-                          original_dir, alternatives, source_run, seed)
+                          original_dir, alternatives, source_run, resolve_seed(data))
 
 
 def _source_task(source_run: Path | None) -> dict[str, Any]:

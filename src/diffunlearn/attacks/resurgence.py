@@ -125,8 +125,7 @@ def concept_similarity(backend, candidates: list[str], erased: list[str]) -> dic
     import torch
 
     def embedding(concept: str) -> torch.Tensor:
-        prompt = canvas.style_prompt(concept) if canvas.concept_domain(concept) == "style" \
-            else canvas.object_prompt(concept)
+        prompt = canvas.partial_prompt(concept)
         positions = backend.token_positions(prompt, concept)
         return backend.encode([prompt])[0, positions].float().mean(0)
 

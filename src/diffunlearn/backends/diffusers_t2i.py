@@ -418,12 +418,9 @@ class T2IModel:
 
     def lora_deltas(self, name: str) -> dict[str, torch.Tensor]:
         """Module name -> dW = scaling * B @ A of adapter `name`."""
-        out = {}
-        for module_name, module in self.unet.named_modules():
-            if hasattr(module, "lora_A") and name in module.lora_A:
-                a, b = module.lora_A[name].weight, module.lora_B[name].weight
-                out[module_name] = (module.scaling[name] * b @ a).detach().clone()
-        return out
+        return {module_name: _lora_delta(module, name).detach().clone()
+                for module_name, module in self.unet.named_modules()
+                if hasattr(module, "lora_A") and name in module.lora_A}
 
     def remove_lora(self) -> None:
         """Drop every adapter: the UNet is the plain model again (base weights as they were)."""
@@ -449,15 +446,10 @@ class T2IModel:
     def effective_weights(self) -> dict[str, torch.Tensor]:
         """Every UNet weight under its plain name, with active LoRA updates folded in: the
         model's weights as a merge would leave them (for distance diagnostics)."""
+        deltas = {module_name: sum(_lora_delta(module, a) for a in module.active_adapters if a in module.lora_A)
+                  for module_name, module in self.unet.named_modules()
+                  if hasattr(module, "lora_A") and hasattr(module, "active_adapters")}
         out = {}
-        deltas: dict[str, torch.Tensor] = {}
-        for module_name, module in self.unet.named_modules():
-            if hasattr(module, "lora_A") and hasattr(module, "active_adapters"):
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-                        delta = module.scaling[adapter] * b @ a
-                        deltas[module_name] = deltas.get(module_name, 0) + delta
         for n, p in self.unet.named_parameters():
             if "lora_" in n:
                 continue
@@ -538,6 +530,11 @@ class T2IModel:
             if stop_at is not None and i + 1 < len(timesteps) and timesteps[i + 1] <= stop_at:
                 return x
         return x
+
+
+def _lora_delta(module: nn.Module, adapter: str) -> torch.Tensor:
+    """dW = scaling * B @ A of one peft LoRA layer's adapter."""
+    return module.scaling[adapter] * module.lora_B[adapter].weight @ module.lora_A[adapter].weight
 
 
 def _quiet_hub_progress() -> None:

@@ -223,6 +223,11 @@ def style_prompt(style: str) -> str:
     return f"an image in {style} style"
 
 
+def partial_prompt(concept: str) -> str:
+    """The prompt naming `concept` alone: its style prompt or its object prompt."""
+    return style_prompt(concept) if concept_domain(concept) == "style" else object_prompt(concept)
+
+
 def training_prompt(style: str, obj: str, rng: np.random.Generator, p_empty: float = 0.1) -> str:
     """A caption for a (style, object) image as seen in pretraining.
 

@@ -62,9 +62,7 @@ class MACE(Method):
 
     def concept_prompts(self, concept: str) -> list[str]:
         pairs = [p for p in self.task.forget_pairs() if concept in p]
-        partial = canvas.style_prompt(concept) if canvas.concept_domain(concept) == "style" \
-            else canvas.object_prompt(concept)
-        return [canvas.full_prompt(*p) for p in pairs] + [partial]
+        return [canvas.full_prompt(*p) for p in pairs] + [canvas.partial_prompt(concept)]
 
     def apply_closed_form(self) -> dict[str, float]:
         import torch
@@ -163,7 +161,7 @@ def retain_embeddings(backend, concepts: list[str]):
 
     rows = []
     for c in concepts:
-        prompt = canvas.style_prompt(c) if canvas.concept_domain(c) == "style" else canvas.object_prompt(c)
+        prompt = canvas.partial_prompt(c)
         length = len(backend.tokenizer.ids(prompt)[: backend.tokenizer.max_length])
         rows.append(backend.encode([prompt])[0, :length])
     return torch.cat(rows) if rows else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -117,7 +118,7 @@ def _forget_items(concept: str, forgotten: set[str], eval_cfg: EvalConfig, alts:
         style, obj = (concept, other) if domain == "style" else (other, concept)
         items += _images(canvas.full_prompt(style, obj), eval_cfg.images_per_prompt, eval_cfg.seed,
                          role="forget-full", style=style, object=obj, forget=concept, alternatives=alts)
-    partial = canvas.style_prompt(concept) if domain == "style" else canvas.object_prompt(concept)
+    partial = canvas.partial_prompt(concept)
     labels = {"style": concept, "object": None} if domain == "style" else {"style": None, "object": concept}
     items += _images(partial, eval_cfg.partial_images, eval_cfg.seed, role="forget-partial",
                      forget=concept, alternatives=alts, **labels)
@@ -159,6 +160,30 @@ class Evaluation:
     def __post_init__(self) -> None:
         self.plan = [it if isinstance(it, PlanItem) else PlanItem.from_dict(it) for it in self.plan]
 
+    def save(self, folder: Path) -> None:
+        """images.npy (no pickle) and metrics.json with the plan; `load` reads them back."""
+        import json
+
+        import numpy as np
+
+        from diffunlearn.io import atomic_write_text
+
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "images.npy", self.images.numpy(), allow_pickle=False)
+        atomic_write_text(folder / "metrics.json", json.dumps(
+            {"metrics": self.metrics, "plan": [p.to_dict() for p in self.plan]}, indent=2, default=_json_value))
+
+    @classmethod
+    def load(cls, folder: Path) -> Evaluation:
+        """Raises OSError, ValueError or KeyError for a missing or corrupt folder."""
+        import json
+
+        import numpy as np
+
+        saved = json.loads((folder / "metrics.json").read_text())
+        images = torch.from_numpy(np.load(folder / "images.npy", allow_pickle=False))
+        return cls(metrics=saved["metrics"], images=images, plan=saved["plan"])
+
     def by_prompt(self, role: str | None = None, limit: int | None = None) -> dict[str, torch.Tensor]:
         """Images grouped by prompt in plan order (optionally one role, first `limit` per prompt)."""
         groups: dict[str, list[int]] = {}
@@ -166,6 +191,10 @@ class Evaluation:
             if role is None or item.role == role:
                 groups.setdefault(item.prompt, []).append(i)
         return {p: self.images[idx[:limit]] for p, idx in groups.items()}
+
+
+def _json_value(value):
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 # ---- evaluation ------------------------------------------------------------------------------
