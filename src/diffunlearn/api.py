@@ -244,7 +244,7 @@ def _execute_attack(resolved, out: Path, threads: int | None, progress: bool) ->
             del original, attack_obj.original
             attack_obj.original = model
         evaluators = load_evaluators(resolved.eval.evaluators) if resolved.eval.enabled else None
-        watcher = _AttackWatcher(model, evaluators, task.forget, resolved, tracker, out, progress)
+        watcher = _AttackWatcher(model, evaluators, task.forget, resolved, tracker, out)
         params = attack_obj.trainable()
         loop_cfg = _loop_config(c, c.steps, resolved.seed, progress, f"attack ({resolved.attack})",
                                 hook_every=c.eval_every or c.steps)
@@ -286,9 +286,9 @@ class _AttackWatcher:
     and the weights' distance to the original at step 0, every `eval_every` steps and at the
     end. The full evaluations before and after are kept on disk, so a resumed run has them."""
 
-    def __init__(self, model, evaluators, forget, resolved, tracker, out: Path, progress: bool):
+    def __init__(self, model, evaluators, forget, resolved, tracker, out: Path):
         self.model, self.evaluators, self.forget, self.resolved = model, evaluators, forget, resolved
-        self.tracker, self.out, self.progress = tracker, out, progress
+        self.tracker, self.out = tracker, out
         self.steps = resolved.attack_config.steps
         self.reference_fid: float | None = None
 
