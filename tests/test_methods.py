@@ -282,6 +282,21 @@ def test_mace_attention_loss_counts_only_concept_tokens_inside_the_mask():
     assert float(loss) == pytest.approx(0.25)
 
 
+def test_mace_concept_focal_sampling_matches_the_official_density():
+    import math
+
+    from diffunlearn.methods.mace import cfis_probabilities
+
+    probs = cfis_probabilities(1000)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    density = [sigmoid(0.05 * (t - 200)) - sigmoid(0.05 * (t - 400)) for t in range(1000)]
+    expected = torch.tensor(density) / sum(density)
+    assert torch.allclose(probs, expected.float(), atol=1e-7)
+    assert float(probs[200:401].sum()) > 0.8
+    scaled = cfis_probabilities(100)  # the band follows the model's number of timesteps
+    assert float(scaled[20:41].sum()) > 0.8 and float(scaled.sum()) == pytest.approx(1.0)
+
+
 def test_mace_result_is_a_plain_model_with_fused_loras(tiny_model_dir, tmp_path):
     from diffunlearn.backends.diffusers_t2i import T2IModel
 
