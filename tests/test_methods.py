@@ -69,6 +69,23 @@ def test_every_method_has_both_profiles_that_validate(name, tiny_model_dir):
     assert cls.__doc__ or cls.__module__.__doc__
 
 
+def test_retrain_reports_the_pretraining_it_ran_and_none_when_cached(tiny_model_dir, tmp_path, monkeypatch):
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+
+    monkeypatch.setenv("DIFFUNLEARN_CACHE", str(tmp_path))
+    resolved = resolve_erase("retrain", ["dotted"], model=tiny_model_dir, overrides=SMOKE["retrain"])
+    costs = []
+    for _ in range(2):
+        method = methods.get("retrain")(resolved.method_config, T2IModel.from_pretrained(tiny_model_dir),
+                                        UnlearningTask.create(["dotted"], images_per_pair=1))
+        method.apply_closed_form()
+        costs.append(method.cost())
+    batch = method.recipe().train.batch_size
+    assert costs[0] == {"steps": 2, "resumed_from_step": 0, "pretrain_cached": False, "unet_forward": 2,
+                        "unet_forward_images": 2 * batch, "unet_backward": 2}
+    assert costs[1] == {"steps": 0, "pretrain_cached": True}
+
+
 def test_esd_variants_choose_the_official_groups(tiny_model_dir):
     groups = {}
     for name in ("esd-x", "esd-u", "esd-all", "esd-x-strict"):

@@ -149,7 +149,7 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
         metrics["cost"] = {"train_seconds": round(result.seconds, 2), "steps": steps,
                            "resumed_from_step": result.resumed_from, "peak_rss_mb": _peak_rss_mb(),
                            "peak_rss_mb_before_training": rss_before, **dict(model.counters),
-                           **_accelerator_peak()}
+                           **_accelerator_peak(), **method.cost()}
         metrics["diagnostics"] = {"weight_distance": weight_distance(model.teacher_params(), params),
                                   "final_loss": result.curves[-1] if result.curves else None,
                                   "distance_by_group": result.hook_rows[-1] if result.hook_rows else None}

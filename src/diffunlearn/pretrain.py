@@ -106,7 +106,7 @@ def pretrain_model(cfg: PretrainModelConfig, out: Path, threads: int | None = No
     unet.eval()
     write_curves(out / "pretrain-curves.csv", result.curves)
     model.meta.update(trained_steps=t.steps, train_seconds=round(result.seconds, 1),
-                      excluded=list(cfg.data.exclude))
+                      resumed_from_step=result.resumed_from, excluded=list(cfg.data.exclude))
     model.save_pretrained(out / "model")
     return model
 

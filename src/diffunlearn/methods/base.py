@@ -69,6 +69,10 @@ class Method:
         """Closed-form methods (UCE, MACE's refinement) edit the trained group here."""
         raise NotImplementedError(f"{type(self).__name__} is not a closed-form method")
 
+    def cost(self) -> dict[str, Any]:
+        """Cost figures the shared loop cannot see (retrain's pretraining); they override the loop's."""
+        return {}
+
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Method-owned tensors that a resumed run needs (masks, EMA teachers)."""
         return {}

@@ -53,7 +53,20 @@ class Retrain(Method):
         folder = cache_dir() / "retrain" / config_hash({"recipe": recipe.model_dump(), "arch": architecture})
         if (folder / "model" / "diffunlearn.json").exists():
             trained = T2IModel.from_pretrained(folder / "model")
+            self._cost = {"steps": 0, "pretrain_cached": True}
         else:
             trained = pretrain_model(recipe, folder, progress=False, like=self.backend)
+            self._cost = self.pretraining_cost(trained.meta, recipe.train.batch_size)
         self.backend.load_weights_from(trained)
         return {"loss": 0.0, "pretrain_steps": float(recipe.train.steps)}
+
+    @staticmethod
+    def pretraining_cost(meta: dict, batch_size: int) -> dict[str, int | bool]:
+        """The pretraining steps run by this call (not those of a run it resumed), one batched
+        UNet forward and one backward each: the shared loop never saw them."""
+        run = meta["trained_steps"] - meta.get("resumed_from_step", 0)
+        return {"steps": run, "resumed_from_step": meta.get("resumed_from_step", 0), "pretrain_cached": False,
+                "unet_forward": run, "unet_forward_images": run * batch_size, "unet_backward": run}
+
+    def cost(self) -> dict[str, int | bool]:
+        return getattr(self, "_cost", {})
