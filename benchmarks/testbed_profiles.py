@@ -81,7 +81,10 @@ def methods_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for name in methods.names():
         cls = methods.get(name)
-        defaults = ", ".join(f"{k}={v}" for k, v in cls.profiles["testbed"].items() if k != "param_group")
+        # closed-form methods run no loop: their `steps=0` says nothing
+        shown = {k: v for k, v in cls.profiles["testbed"].items()
+                 if k != "param_group" and not (cls.closed_form and k == "steps" and v == 0)}
+        defaults = ", ".join(f"{k}={v}" for k, v in shown.items()) or "the shipped model's recipe"
         mine = [r for r in style if r["method"] == name and r["is_default"]]
         if mine:
             r = mine[0]
