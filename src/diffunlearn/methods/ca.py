@@ -7,7 +7,8 @@ with x_t from the anchor concept's images (the testbed renders them; the CA code
 them with the original model from anchor prompts) and the retain term as CA's prior
 preservation. [001] eq. 11-12 write a variant (`source: forget`) that takes x_t from D_f and
 uses an unsquared norm with a time weight w_t; that variant is offered with w_t = 1 (the
-weighting is not defined in [001]). Parameter group: cross-attention K/V, as the official
+weighting is not defined in [001]; the official CA code, nupurkmr9/concept-ablation
+`diffusers/train.py`, also trains with an unweighted MSE). Parameter group: cross-attention K/V, as the official
 code's `crossattn_kv`/`cross-attn`. [001] App. C: lr 1.6e-5, batch 4, 200 steps (forget one).
 """
 
