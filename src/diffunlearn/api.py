@@ -54,12 +54,18 @@ def erase(method: str | None, forget: list[str] | None = None, retain: list[str]
     and after, and write the run directory. Finished runs are skipped; interrupted ones resume.
     `notify` receives one line saying which of the three happens."""
     resolved = resolve_erase(method, forget, retain, model, config, overrides)
+    label = f"run {resolved.run_id} ({resolved.method}, profile {resolved.profile})"
+    return _run_or_skip(resolved, out, "erase", label, notify, lambda out_dir: _execute_erase(
+        resolved, out_dir, threads, progress))
+
+
+def _run_or_skip(resolved, out: str | Path | None, kind: str, label: str,
+                 notify: Callable[[str], None] | None, execute: Callable[[Path], Run]) -> Run:
+    """Run `execute` in the run directory (default: the resolved run's), or load it if finished."""
     out_dir = Path(out) if out else resolved.default_out()
-    state = _start(out_dir, resolved.run_id, "erase", f"run {resolved.run_id} ({resolved.method}, profile "
-                   f"{resolved.profile})", notify)
-    if state == "done":
+    if _start(out_dir, resolved.run_id, kind, label, notify) == "done":
         return _load_run(out_dir, skipped=True)
-    return _execute_erase(resolved, out_dir, threads, progress)
+    return execute(out_dir)
 
 
 def _start(out: Path, run_id: str, kind: str, label: str, notify: Callable[[str], None] | None) -> str:
@@ -178,12 +184,9 @@ def attack(name: str | None, model: str | Path | None = None, forget: list[str] 
     from diffunlearn.runs import resolve_attack
 
     resolved = resolve_attack(name, model, forget, config, overrides, original)
-    out_dir = Path(out) if out else resolved.default_out()
-    state = _start(out_dir, resolved.run_id, "attack", f"attack {resolved.run_id} ({resolved.attack} on "
-                   f"{resolved.model_dir})", notify)
-    if state == "done":
-        return _load_run(out_dir, skipped=True)
-    return _execute_attack(resolved, out_dir, threads, progress)
+    label = f"attack {resolved.run_id} ({resolved.attack} on {resolved.model_dir})"
+    return _run_or_skip(resolved, out, "attack", label, notify, lambda out_dir: _execute_attack(
+        resolved, out_dir, threads, progress))
 
 
 def erase_then_attack(method: str, attack_name: str, forget: list[str], model: str | Path | None = None,
