@@ -23,7 +23,7 @@ from diffunlearn.backends.diffusers_t2i import T2IModel
 from diffunlearn.data.tasks import UnlearningTask
 from diffunlearn.engine.loop import step_generator
 from diffunlearn.objectives import Term, compute_loss, draw_batch
-from diffunlearn.runs import default_model_dir
+from diffunlearn.runs.resolve import default_model_dir
 
 
 def tensor_bytes(tensors) -> int:

@@ -19,7 +19,7 @@ from diffunlearn.backends.diffusers_t2i import T2IModel
 from diffunlearn.data import canvas
 from diffunlearn.metrics.classifier import Evaluators, accuracy
 from diffunlearn.pretrain import generation_quality
-from diffunlearn.runs import default_model_dir
+from diffunlearn.runs.resolve import default_model_dir
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffunlearn.runs import ASSETS
+from diffunlearn.runs.resolve import ASSETS
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (ASSETS / "MANIFEST.json").exists(), reason="no shipped assets")]

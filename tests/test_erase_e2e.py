@@ -82,7 +82,7 @@ def test_interrupted_erase_resumes_to_the_same_weights(tiny_model_dir, tmp_path,
 
 
 def test_run_id_ignores_output_path_and_threads(tiny_model_dir):
-    from diffunlearn.runs import resolve_erase
+    from diffunlearn.runs.resolve import resolve_erase
 
     first = resolve_erase("core", ["dotted"], model=tiny_model_dir)
     second = resolve_erase("core", ["dotted"], model=tiny_model_dir)

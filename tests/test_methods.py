@@ -9,7 +9,7 @@ from diffunlearn.config import ConfigError
 from diffunlearn.data.tasks import UnlearningTask
 from diffunlearn.engine.loop import LoopConfig, run_loop
 from diffunlearn.methods import methods
-from diffunlearn.runs import resolve_erase
+from diffunlearn.runs.resolve import resolve_erase
 
 # a few steps of work for each method on the tiny model
 SMOKE = {"retrain": ["method.pretrain_steps=2", "method.pretrain_images_per_pair=1"],

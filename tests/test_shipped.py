@@ -10,7 +10,7 @@ import torch
 from diffunlearn.backends.model_dir import hash_files
 from diffunlearn.config import CONFIG_DIR, PretrainEvaluatorConfig, PretrainModelConfig, load_yaml
 from diffunlearn.data import canvas
-from diffunlearn.runs import ASSETS
+from diffunlearn.runs.resolve import ASSETS
 
 pytestmark = pytest.mark.skipif(not (ASSETS / "MANIFEST.json").exists(), reason="no shipped assets")
 

@@ -1,4 +1,4 @@
-"""The `diffunlearn` command line: a thin layer over the Python API (api.py).
+"""The `diffunlearn` command line: a thin layer over the Python API (api.py, runs/).
 
 Input is validated before torch is imported; an error a user can cause prints one line on
 stderr and exits with status 2, having written nothing.
@@ -17,7 +17,7 @@ from diffunlearn.backends.model_dir import ModelDirError
 from diffunlearn.config import ConfigError
 from diffunlearn.data.tasks import TaskError
 from diffunlearn.registry import UnknownNameError
-from diffunlearn.runs import RunDirError
+from diffunlearn.runs.resolve import RunDirError
 
 app = typer.Typer(
     help="Erase concepts from text-to-image diffusion models, measure what was erased and kept, "
@@ -203,7 +203,7 @@ def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | 
 @app.command()
 def validate(config: Annotated[Path, typer.Argument(help="YAML config to check.")]) -> None:
     """Check a config file (method, task, eval, model) without loading any model."""
-    from diffunlearn.runs import resolve_erase
+    from diffunlearn.runs.resolve import resolve_erase
 
     resolved = guarded(lambda: resolve_erase(None, config_file=config))
     typer.echo(f"ok: {resolved.method} (profile {resolved.profile}), forget {','.join(resolved.task.forget)}, "
@@ -244,7 +244,7 @@ def pretrain_model(
     cfg = load_recipe(PretrainModelConfig, "pretrain-model.yaml", config, overrides)
     from diffunlearn.pretrain import install_assets
     from diffunlearn.pretrain import pretrain_model as train
-    from diffunlearn.runs import ASSETS
+    from diffunlearn.runs.resolve import ASSETS
 
     train(cfg, out, threads, progress=sys.stderr.isatty())
     if install:
@@ -266,7 +266,7 @@ def pretrain_evaluators(
     cfg = load_recipe(PretrainEvaluatorConfig, "pretrain-evaluators.yaml", config, overrides)
     from diffunlearn.pretrain import install_assets
     from diffunlearn.pretrain import pretrain_evaluators as train
-    from diffunlearn.runs import ASSETS
+    from diffunlearn.runs.resolve import ASSETS
 
     _, figures = train(cfg, out, threads, progress=sys.stderr.isatty())
     if install:

@@ -30,7 +30,7 @@ from diffunlearn.config import (
 from diffunlearn.data.tasks import validate_anchor_scheme, validate_concepts
 from diffunlearn.io import atomic_write_text
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TESTBED_DIR = ASSETS / "testbed"
 PROFILES = ("paper", "testbed")
 TOP_LEVEL_KEYS = ("method", "task", "eval", "model", "seed")

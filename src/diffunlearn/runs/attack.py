@@ -1,0 +1,223 @@
+"""An attack run, top to bottom: resolve, start or skip, load the attacked and the original
+model, build the attack data by its paper's protocol, fine-tune on the shared loop while a
+hook evaluates the model and its distance to the original, save, summarise."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from diffunlearn.runs.common import (
+    Run,
+    accelerator_peak,
+    attach_log,
+    detach_log,
+    load_evaluators,
+    log,
+    loop_config,
+    peak_rss_mb,
+    remove_checkpoint,
+    run_or_skip,
+    save_samples,
+    write_json,
+)
+from diffunlearn.runs.erase import erase
+from diffunlearn.runs.resolve import write_config, write_run_marker
+
+
+def attack(name: str | None, model: str | Path | None = None, forget: list[str] | None = None,
+           config: str | Path | None = None, out: str | Path | None = None, overrides: list[str] | None = None,
+           threads: int | None = None, progress: bool = True, original: str | Path | None = None,
+           notify: Callable[[str], None] | None = None) -> Run:
+    """Attack a model (an erase run's directory, the original model or a retrain, the latter two
+    with `forget`) with `name` (`relearn` or `resurgence`): build the attack data, fine-tune,
+    evaluate every `attack.eval_every` steps, and write the attack's run directory (default:
+    inside the attacked run, `attacks/<name>-<id>`). Finished runs are skipped; interrupted
+    ones resume."""
+    from diffunlearn.runs.resolve import resolve_attack
+
+    resolved = resolve_attack(name, model, forget, config, overrides, original)
+    label = f"attack {resolved.run_id} ({resolved.attack} on {resolved.model_dir})"
+    return run_or_skip(resolved, out, "attack", label, notify, lambda out_dir: _execute_attack(
+        resolved, out_dir, threads, progress))
+
+
+def erase_then_attack(method: str, attack_name: str, forget: list[str], model: str | Path | None = None,
+                      overrides: list[str] | None = None, threads: int | None = None, progress: bool = True,
+                      notify: Callable[[str], None] | None = None) -> tuple[Run, Run]:
+    """The chain erase -> attack -> evaluate: `method.*` / `task.*` overrides go to the erase run,
+    `attack.*` to the attack, `eval.*` to both; each run lands in its default directory."""
+    overrides = overrides or []
+    erase_overrides = [o for o in overrides if not o.startswith("attack.")]
+    attack_overrides = [o for o in overrides if o.startswith(("attack.", "eval."))]
+    erased = erase(method, forget, model=model, overrides=erase_overrides, threads=threads, progress=progress,
+                   notify=notify)
+    attacked = attack(attack_name, erased.out, overrides=attack_overrides, threads=threads, progress=progress,
+                      notify=notify)
+    return erased, attacked
+
+
+def _execute_attack(resolved, out: Path, threads: int | None, progress: bool) -> Run:
+    import torch
+
+    from diffunlearn.attacks import attacks
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+    from diffunlearn.data.tasks import UnlearningTask
+    from diffunlearn.engine.loop import run_loop, write_curves
+    from diffunlearn.metrics.diagnostics import DistanceTracker
+
+    out.mkdir(parents=True, exist_ok=True)
+    handler = attach_log(out / "log.txt")
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(resolved.seed)
+        model = T2IModel.from_pretrained(resolved.model_dir)
+        c = resolved.attack_config
+        model.autocast = c.bf16
+        same = resolved.original_dir.resolve() == resolved.model_dir.resolve()
+        original = model if same else T2IModel.from_pretrained(resolved.original_dir)
+        t = resolved.task
+        task = UnlearningTask.create(t.forget, t.retain, t.images_per_pair, t.seed, t.anchor_scheme,
+                                     image_size=model.image_shape[-1])
+        attack_obj = attacks.get(resolved.attack)(c, model, task, original=original)
+        data = attack_obj.prepare()
+        shown = sorted(data.concepts() & set(task.forget))
+        if shown:
+            raise RuntimeError(f"attack data shows erased concepts {shown}: the protocol is broken")
+        config = resolved.as_dict() | {"run_id": resolved.run_id, "versions": resolved.versions,
+                                       "resolved": {"threads": torch.get_num_threads(), "data": data.info}}
+        write_config(out, config)
+        write_run_marker(out, resolved.run_id, "attack", "running")
+        write_json(out / "data.json", {**data.info, "prompts": sorted(set(data.prompts))})
+        log.info("attack %s on %s: forget %s, %d images, %d steps (run %s)", resolved.attack, resolved.model_dir,
+                 t.forget, len(data), c.steps, resolved.run_id)
+
+        original_weights = original.effective_weights()
+        tracker = DistanceTracker(original_weights, model.effective_weights(), attack_obj.trained_weight_names())
+        del original_weights
+        if not same:
+            del original, attack_obj.original
+            attack_obj.original = model
+        evaluators = load_evaluators(resolved.eval.evaluators) if resolved.eval.enabled else None
+        watcher = _AttackWatcher(model, evaluators, task.forget, resolved, tracker, out)
+        params = attack_obj.trainable()
+        loop_cfg = loop_config(c, c.steps, resolved.seed, progress, f"attack ({resolved.attack})",
+                                hook_every=c.eval_every or c.steps)
+        model.counters = dict.fromkeys(model.counters, 0)
+        result = run_loop(params, attack_obj.step, loop_cfg, checkpoint_dir=out / "checkpoint",
+                          hooks=[watcher])
+        write_curves(out / "curves.csv", result.curves)
+        write_curves(out / "attack_curve.csv", result.hook_rows)
+        changed = attack_obj.finish()
+        model.meta["changed_params"] = sorted(set(model.meta.get("changed_params", [])) | set(changed))
+        model.meta.update(attack=resolved.attack, attack_run_id=resolved.run_id, forget=task.forget)
+        if resolved.alternatives:
+            model.meta["alternatives"] = resolved.alternatives
+        model.save_pretrained(out / "model", changed_only=True)
+
+        metrics: dict[str, Any] = {"run_id": resolved.run_id, "attack": resolved.attack, "forget": task.forget,
+                                   "model": str(resolved.model_dir), "original": str(resolved.original_dir),
+                                   "alternatives": resolved.alternatives, "data": data.info}
+        metrics["cost"] = {"train_seconds": round(result.seconds, 2), "steps": c.steps,
+                           "resumed_from_step": result.resumed_from, "peak_rss_mb": peak_rss_mb(),
+                           **dict(model.counters), **accelerator_peak()}
+        metrics["curve"] = result.hook_rows
+        metrics["summary"] = attack_summary(result.hook_rows)
+        before, after = watcher.full("before"), watcher.full("after")
+        if before is not None and after is not None:
+            metrics["before"], metrics["after"] = before.metrics, after.metrics
+            save_samples(out / "samples.png", before, after)
+        write_json(out / "metrics.json", metrics)
+        write_run_marker(out, resolved.run_id, "attack", "complete")
+        remove_checkpoint(out)
+        log.info("done: %s", json.dumps(metrics["summary"]))
+        return Run(out, resolved.run_id, config, metrics)
+    finally:
+        detach_log(handler)
+
+
+class _AttackWatcher:
+    """The attack's loop hook: evaluates the model (AR top-1/top-3, AR_CL, retain accuracy, FID)
+    and the weights' distance to the original at step 0, every `eval_every` steps and at the
+    end. The full evaluations before and after are kept on disk, so a resumed run has them."""
+
+    def __init__(self, model, evaluators, forget, resolved, tracker, out: Path):
+        self.model, self.evaluators, self.forget, self.resolved = model, evaluators, forget, resolved
+        self.tracker, self.out = tracker, out
+        self.steps = resolved.attack_config.steps
+        self.reference_fid: float | None = None
+
+    def __call__(self, step: int) -> dict[str, float]:
+        row = dict(self.tracker(self.model.effective_weights()))
+        if self.evaluators is None:
+            return row
+        from diffunlearn.metrics.evaluate import evaluate_model
+
+        result = evaluate_model(self.model, self.evaluators, self.forget, self.resolved.eval,
+                                alternatives=self.resolved.alternatives, reference_fid=self._reference_fid(),
+                                progress=False)
+        m = result.metrics
+        if step == 0:
+            self._store("before", result)
+        if step == self.steps:
+            self._store("after", result)
+        for key in ("AR_MU_top1", "AR_MU_top3", "AR_CL", "UA", "UA_partial", "IRA", "CRA", "FID", "p_forget"):
+            if m.get(key) is not None:
+                row[key] = m[key]
+        if m.get("IRA") is not None and m.get("CRA") is not None:
+            row["retain_acc"] = (m["IRA"] + m["CRA"]) / 2
+        return row
+
+    def _store(self, which: str, result) -> None:
+        result.save(self.out / "evaluations" / which)
+
+    def _reference_fid(self) -> float | None:
+        """SFID's reference: the FID before the attack (read once; a resumed run reads it from disk)."""
+        if self.reference_fid is None:
+            before = self.full("before")
+            self.reference_fid = before.metrics.get("FID") if before is not None else None
+        return self.reference_fid
+
+    def full(self, which: str):
+        from diffunlearn.metrics.evaluate import Evaluation
+
+        folder = self.out / "evaluations" / which
+        return Evaluation.load(folder) if (folder / "metrics.json").exists() else None
+
+
+def attack_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """The attack's headline figures from its curve ([002] §VI, [000] §3): AR before the attack
+    (AR_MU), the largest AR during it (AR_DiMRA, top-1 and top-3) and the step it was reached,
+    the smallest AR_CL, retain accuracy and FID before and after, and the distance to the
+    original weights before and after with the share of it travelled back."""
+    if not rows:
+        return {}
+    first, last = rows[0], rows[-1]
+    during = [r for r in rows if r["step"] > 0] or rows
+    out: dict[str, Any] = {"evaluations": len(rows), "steps": last["step"]}
+    for k in ("top1", "top3"):
+        key = f"AR_MU_{k}"
+        if key in first:
+            best = max(during, key=lambda r, key=key: r[key])
+            out[f"AR_MU_{k}"] = first[key]
+            out[f"AR_DiMRA_{k}"] = best[key]
+            out[f"AR_DiMRA_{k}_step"] = best["step"]
+            out[f"AR_final_{k}"] = last[key]
+    if "AR_MU_top1" in first:  # [000]'s forget accuracy: generations classified as the erased concept
+        out["forget_acc_before"], out["forget_acc_after"] = first["AR_MU_top1"], last["AR_MU_top1"]
+    if "AR_CL" in first:
+        out["AR_CL_before"] = first["AR_CL"]
+        out["AR_CL_min"] = min(r["AR_CL"] for r in during)
+    for key in ("retain_acc", "IRA", "CRA", "FID", "UA"):
+        if key in first:
+            out[f"{key}_before"], out[f"{key}_after"] = first[key], last[key]
+    d0, d1 = first["dist_unlearned"], last["dist_unlearned"]
+    out["distance_to_original_before"], out["distance_to_original_after"] = d0, d1
+    out["travelled_back"] = d0 - d1  # on the weights the unlearning changed
+    out["travelled_back_fraction"] = (d0 - d1) / d0 if d0 > 0 else None
+    out["distance_full_after"] = last["dist_full"]
+    out["moved"] = last["moved_full"]
+    return out
