@@ -17,7 +17,7 @@ from diffunlearn.methods.core import Core
 def test_erase_then_evaluate_writes_a_complete_run(tiny_model_dir, tiny_evaluator_dir, tmp_path):
     out = tmp_path / "run"
     overrides = ["method.epochs=null", "method.steps=4", "method.batch_size=2", "method.checkpoint_every=2",
-                 "task.images_per_pair=1", f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
+                 "task.images_per_prompt=1", f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
     run = diffunlearn.erase("core", ["dotted"], model=tiny_model_dir, out=out, overrides=overrides, progress=False)
 
     for name in ("config.yaml", "run.json", "metrics.json", "curves.csv", "samples.png", "log.txt",
@@ -56,7 +56,7 @@ def test_interrupted_erase_resumes_to_the_same_weights(tiny_model_dir, tmp_path,
     from safetensors.torch import load_file
 
     overrides = ["method.epochs=null", "method.steps=6", "method.batch_size=2", "method.checkpoint_every=2",
-                 "task.images_per_pair=1", "eval.enabled=false"]
+                 "task.images_per_prompt=1", "eval.enabled=false"]
     diffunlearn.erase("core", ["grid"], model=tiny_model_dir, out=tmp_path / "a", overrides=overrides, progress=False)
 
     original_step = Core.step

@@ -24,10 +24,11 @@ def test_every_method_trains_only_its_group_and_round_trips(name, tiny_model_dir
 
     steps = [] if methods.get(name).closed_form else ["method.steps=3", "method.epochs=null"]
     resolved = resolve_erase(name, ["dotted"], model=tiny_model_dir,
-                             overrides=[*steps, "method.batch_size=2", "task.images_per_pair=1", *SMOKE.get(name, [])])
+                             overrides=[*steps, "method.batch_size=2", "task.images_per_prompt=1",
+                                        *SMOKE.get(name, [])])
     assert resolved.profile == "testbed"  # built by build_testbed, so a testbed-kind model
     model = T2IModel.from_pretrained(tiny_model_dir)
-    task = UnlearningTask.create(["dotted"], images_per_pair=1)
+    task = UnlearningTask.create(["dotted"], images_per_prompt=1)
     method = methods.get(name)(resolved.method_config, model, task)
     before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
     params = model.set_trainable(method.param_group())
@@ -77,7 +78,7 @@ def test_retrain_reports_the_pretraining_it_ran_and_none_when_cached(tiny_model_
     costs = []
     for _ in range(2):
         method = methods.get("retrain")(resolved.method_config, T2IModel.from_pretrained(tiny_model_dir),
-                                        UnlearningTask.create(["dotted"], images_per_pair=1))
+                                        UnlearningTask.create(["dotted"], images_per_prompt=1))
         method.apply_closed_form()
         costs.append(method.cost())
     batch = method.recipe().train.batch_size
@@ -96,7 +97,7 @@ def test_esd_variants_choose_the_official_groups(tiny_model_dir):
 
 def test_core_epochs_count_passes_over_d_f(tiny_model_dir):
     resolved = resolve_erase("core", ["dotted"], model=tiny_model_dir, overrides=["method.profile=paper"])
-    task = UnlearningTask.create(["dotted"], images_per_pair=3)
+    task = UnlearningTask.create(["dotted"], images_per_prompt=3)
     method = methods.get("core")(resolved.method_config, None, task)
     # paper: 25 epochs over 11 pairs x 3 images at batch 4
     assert method.resolved_steps() == -(-25 * 33 // 4)
@@ -118,7 +119,7 @@ def test_core_ablations_are_configurations(tiny_model_dir):
 def test_salun_mask_keeps_the_configured_fraction_of_the_most_salient_weights(tiny_model):
     from diffunlearn.methods.salun import saliency_mask
 
-    task = UnlearningTask.create(["dotted"], images_per_pair=1)
+    task = UnlearningTask.create(["dotted"], images_per_prompt=1)
     tiny_model.set_trainable("xattn")
     mask = saliency_mask(tiny_model, task, batch_size=2, batches=2, fraction=0.3, seed=0)
     total = sum(m.numel() for m in mask.values())
@@ -136,7 +137,7 @@ def test_salun_moves_only_masked_weights(tiny_model_dir):
                              overrides=["method.epochs=null", "method.steps=2", "method.batch_size=2",
                                         "method.mask_batches=1", "method.param_group=xattn"])
     model = T2IModel.from_pretrained(tiny_model_dir)
-    method = methods.get("salun")(resolved.method_config, model, UnlearningTask.create(["dotted"], images_per_pair=1))
+    method = methods.get("salun")(resolved.method_config, model, UnlearningTask.create(["dotted"], images_per_prompt=1))
     params = model.set_trainable("xattn")
     before = {n: p.detach().clone() for n, p in params.items()}
     method.setup()
@@ -168,7 +169,7 @@ def test_erasediff_step_follows_retain_plus_lambda_forget(tiny_model_dir):
                              overrides=["method.batch_size=2", "method.param_group=xattn-kv"])
     model = T2IModel.from_pretrained(tiny_model_dir)
     method = methods.get("erasediff")(resolved.method_config, model, UnlearningTask.create(["dotted"],
-                                                                                          images_per_pair=1))
+                                                                                          images_per_prompt=1))
     model.set_trainable("xattn-kv")
     logs = method.step(0, step_generator(0, 0))
     assert logs["lambda_t"] >= 0 and logs["g"] > 0  # K descent steps on L_f lower it
@@ -216,7 +217,7 @@ def test_esd_data_free_trains_on_states_sampled_by_the_frozen_model(tiny_model_d
     resolved = resolve_erase("esd", ["dotted"], model=tiny_model_dir,
                              overrides=["method.mode=data-free", "method.generation_steps=4", "method.batch_size=2"])
     model = T2IModel.from_pretrained(tiny_model_dir)
-    method = methods.get("esd")(resolved.method_config, model, UnlearningTask.create(["dotted"], images_per_pair=1))
+    method = methods.get("esd")(resolved.method_config, model, UnlearningTask.create(["dotted"], images_per_prompt=1))
     model.set_trainable("xattn")
     calls = []
     original = T2IModel.sample
@@ -237,7 +238,7 @@ def test_esd_data_free_trains_on_states_sampled_by_the_frozen_model(tiny_model_d
 def test_shs_trims_the_configured_share_of_most_sensitive_weights(tiny_model):
     from diffunlearn.methods.shs import snip_scores, trim_by_connection_sensitivity
 
-    task = UnlearningTask.create(["dotted"], images_per_pair=1)
+    task = UnlearningTask.create(["dotted"], images_per_prompt=1)
     tiny_model.set_trainable("xattn")
     before = {n: p.detach().clone() for n, p in tiny_model.named_trainable()}
     scores = snip_scores(tiny_model, task, 2, 1, seed=0)
@@ -320,7 +321,7 @@ def test_mace_result_is_a_plain_model_with_fused_loras(tiny_model_dir, tmp_path)
     resolved = resolve_erase("mace", ["circle"], model=tiny_model_dir,
                              overrides=["method.steps=3", "method.batch_size=2"])
     model = T2IModel.from_pretrained(tiny_model_dir)
-    method = methods.get("mace")(resolved.method_config, model, UnlearningTask.create(["circle"], images_per_pair=1))
+    method = methods.get("mace")(resolved.method_config, model, UnlearningTask.create(["circle"], images_per_prompt=1))
     names = {n for n, _ in model.unet.named_parameters()}
     model.set_trainable("xattn-kv")
     method.setup()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from diffunlearn.data import canvas
 from diffunlearn.data.tasks import UnlearningTask
 from diffunlearn.engine.loop import step_generator
 from diffunlearn.objectives import Term, compute_loss, draw_batch, term_losses
 
 
 def _setup(tiny_model, group="xattn"):
-    task = UnlearningTask.create(["dotted"], images_per_pair=2)
+    task = UnlearningTask.create(["dotted"], images_per_prompt=2)
     tiny_model.set_trainable(group)
     return task
 
@@ -61,13 +62,13 @@ def test_teacher_target_is_zero_loss_before_training(tiny_model):
 
 
 def test_anchor_images_show_the_anchor_concept_under_forget_prompts(tiny_model):
-    task = UnlearningTask.create(["dotted"], images_per_pair=2, anchor_scheme="fixed:grid")
+    task = UnlearningTask.create(["dotted"], images_per_prompt=2, anchor_scheme="fixed:grid")
     batch = draw_batch(tiny_model, task, "anchor", 6, step_generator(0, 0))
     for prompt, anchor_prompt in zip(batch.prompts["forget"], batch.prompts["anchor"], strict=True):
         assert "dotted" in prompt and "grid" in anchor_prompt
     # every drawn image is one of the grid-style images of D_u'
-    grid_images = torch.cat([torch.from_numpy(task.pair_images(("grid", o))) for o in
-                             [p.split(" ")[3] for p in batch.prompts["forget"]]])
+    objects = [p.split(" ")[3] for p in batch.prompts["forget"]]
+    grid_images = torch.cat([torch.from_numpy(canvas.render_batch([("grid", o)] * 2, [0, 1])[0]) for o in objects])
     for img in batch.x0:
         assert any(torch.equal(img, g) for g in grid_images)
 

@@ -137,13 +137,21 @@ class TrainConfig(StrictModel):
 
 
 class TaskConfig(StrictModel):
-    """D_f and D_r (data/tasks.py)."""
+    """D_f and D_r (data/tasks.py) over a concept set (data/concepts.py)."""
 
     forget: list[str] = Field(default_factory=list, description="concepts to erase")
-    retain: list[str] | None = Field(None, description="retain concepts; default: every other concept")
-    images_per_pair: int = Field(3, ge=1, description="first n images of each style-object pair (CORE: 3)")
-    anchor_scheme: str = Field("one-to-one", description="next | fixed:NAME | one-to-one | all-to-one | "
-                               "five-to-one | one-to-all | one-to-five")
+    retain: list[str] | None = Field(None, description="retain concepts; default: every other concept of the set")
+    concepts: str | None = Field(None, description="concept set: a built-in name (canvas) or a YAML file; default: "
+                                 "the shipped testbeds' canvas, else a free-text set of the forget/retain names")
+    domain: str = Field("concept", description="domain of free-text concepts, which picks their default prompt "
+                        "templates: concept | style | object | celebrity | nudity")
+    anchor: str | None = Field(None, description="text or concept the forget concepts are steered to (CORE, CA, "
+                               "SalUn, DiMUM...); default: the anchor scheme, else the empty prompt")
+    images_per_prompt: int = Field(3, ge=1, description="first n images of each training prompt (CORE: 3 per "
+                                   "style-object pair)")
+    anchor_scheme: str = Field("auto", description="auto | next | fixed:NAME | one-to-one | all-to-one | "
+                               "five-to-one | one-to-all | one-to-five (auto: a concept's own anchor, else "
+                               "one-to-one onto retain concepts, else the empty prompt)")
     seed: int = 0
 
 

@@ -21,8 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from diffunlearn.data import canvas
-from diffunlearn.data.tasks import UnlearningTask, swap_concept
+from diffunlearn.data.tasks import UnlearningTask
 
 if TYPE_CHECKING:
     import torch
@@ -66,39 +65,45 @@ class TermBatch:
 
 
 def sample_items(task: UnlearningTask, source: ImageSource, n: int, gen: torch.Generator):
-    """Images and their prompts of every kind for `n` items drawn from `source`."""
+    """Images and their prompts of every kind for `n` items drawn from `source`.
+
+    `anchor` shows, under the forget prompt, the anchor concept's image (the item with its
+    forget concept swapped, DiMUM's D_u' and CA's anchor images); an empty anchor (no concept
+    to steer to) is the item without the concept, prompted by the empty prompt.
+    """
     import torch
 
-    pairs = task.forget_pairs() if source in ("forget", "anchor") else task.retain_pairs()
-    if not pairs:
+    items = task.forget_items() if source in ("forget", "anchor") else task.retain_items()
+    if not items:
         raise ValueError(f"the task has no {source} images")
-    pick = torch.randint(0, len(pairs) * task.images_per_pair, (n,), generator=gen).tolist()
-    images, prompts = [], {"forget": [], "anchor": [], "retain": [], "empty": []}
+    per_item = task.images_per_prompt
+    pick = torch.randint(0, len(items) * per_item, (n,), generator=gen).tolist()
+    shown, indices, prompts = [], [], {"forget": [], "anchor": [], "retain": [], "empty": []}
     for flat in pick:
-        pair, index = pairs[flat // task.images_per_pair], flat % task.images_per_pair
-        own = canvas.full_prompt(*pair)
-        if source == "retain":
-            anchor_pair = pair
-        else:
-            concept = task.forget_concept_of(pair)
-            options = task.anchor_map.get(concept) or [concept]
+        item, index = items[flat // per_item], flat % per_item
+        own = task.prompt(item)
+        anchor_item, anchor_prompt = item, own
+        if source != "retain":
+            concept = task.forget_concept_of(item)
+            options = task.anchor_map.get(concept, [concept]) or [None]
             anchor = options[int(torch.randint(0, len(options), (1,), generator=gen))]
-            anchor_pair = swap_concept(*pair, concept, anchor)
-        shown = anchor_pair if source == "anchor" else pair
-        images.append(torch.from_numpy(task.pair_images(shown)[index]))
+            anchor_item = item.swapped(concept, anchor) if anchor else item.without(concept)
+            anchor_prompt = task.anchor_prompt(item, concept, anchor)
+        shown.append(anchor_item if source == "anchor" else item)
+        indices.append(index)
         prompts["forget"].append(own)
         prompts["retain"].append(own)
-        prompts["anchor"].append(canvas.full_prompt(*anchor_pair))
+        prompts["anchor"].append(anchor_prompt)
         prompts["empty"].append("")
-    return torch.stack(images), prompts
+    return shown, indices, prompts
 
 
 def draw_batch(backend: Backend, task: UnlearningTask, source: ImageSource, n: int,
                gen: torch.Generator) -> TermBatch:
     import torch
 
-    images, prompts = sample_items(task, source, n, gen)
-    x0 = backend.to_model_space(images.to(backend.device))
+    items, indices, prompts = sample_items(task, source, n, gen)
+    x0 = task.model_space(backend, items, indices, gen)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     t = torch.randint(0, backend.num_train_timesteps, (n,), generator=gen).to(x0.device)
     return TermBatch(x0, noise, t, prompts)
@@ -109,7 +114,7 @@ def generate_batch(backend: Backend, term: Term, task: UnlearningTask, n: int, g
     ESD code does (data-free) and SDD does with the student."""
     import torch
 
-    _, prompts = sample_items(task, "forget", n, gen)
+    _, _, prompts = sample_items(task, "forget", n, gen)
     timesteps = backend.ddim_timesteps(term.generation_steps)
     t_stop = timesteps[int(torch.randint(1, len(timesteps), (1,), generator=gen))]
     seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()

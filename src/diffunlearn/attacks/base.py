@@ -51,7 +51,7 @@ class AttackData:
     images: torch.Tensor
     prompts: list[str]
     info: dict[str, Any] = field(default_factory=dict)
-    pairs: list[tuple[str, str]] = field(default_factory=list)  # the (style, object) each image shows
+    shown: list[tuple[str, ...]] = field(default_factory=list)  # the concepts each image shows
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -63,7 +63,7 @@ class AttackData:
         return self.images[pick], [self.prompts[int(i)] for i in pick]
 
     def concepts(self) -> set[str]:
-        return {c for pair in self.pairs for c in pair}
+        return {c for concepts in self.shown for c in concepts}
 
 
 class Attack:

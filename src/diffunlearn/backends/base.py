@@ -41,6 +41,9 @@ class Backend(Protocol):
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> the space the UNet denoises (identity in pixel space)."""
 
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean and std (None in pixel space) of the model-space distribution of images."""
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
     def eps(

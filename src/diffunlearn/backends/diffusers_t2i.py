@@ -166,10 +166,10 @@ class T2IModel:
         self.autocast = False
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
-        size = self.meta.get("image_size", unet.config.sample_size)
         channels = unet.config.in_channels
-        self.image_shape = (channels, unet.config.sample_size, unet.config.sample_size)
-        self.pixel_size = size
+        self.image_shape = (channels, unet.config.sample_size, unet.config.sample_size)  # the UNet's space
+        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.pixel_size = int(self.meta.get("image_size", unet.config.sample_size * vae_factor))
         self._teacher: dict[str, torch.Tensor] = {}
         # cost accounting ([004] Table 4): UNet calls, images through them, backward passes
         self.counters = {"unet_forward": 0, "unet_forward_images": 0, "unet_backward": 0}
@@ -319,6 +319,16 @@ class T2IModel:
             return images
         with torch.no_grad():
             return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean and std of the model-space distribution of images: the scaled VAE posterior, or
+        the images themselves with no std in pixel space."""
+        if self.vae is None:
+            return images, None
+        dist = self.vae.encode(images).latent_dist
+        scale = self.vae.config.scaling_factor
+        return dist.mean * scale, dist.std * scale
 
     def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
         if self.vae is None:

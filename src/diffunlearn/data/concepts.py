@@ -138,6 +138,10 @@ class Item:
     def swapped(self, old: str, new: str) -> Item:
         return Item(tuple((d, new if c == old else c) for d, c in self.labels), self.template)
 
+    def without(self, concept: str) -> Item:
+        """The item with `concept` removed: what remains of the image, prompted by the empty prompt."""
+        return Item(tuple((d, c) for d, c in self.labels if c != concept), "")
+
 
 @dataclass
 class Domain:
@@ -288,11 +292,11 @@ class ConceptSet:
         return [Item(((d.name, c.name),), t) for d in self.domains.values() for c in d.all for t in d.templates]
 
     def alone_items(self, name: str, evaluation: bool = False) -> list[Item]:
-        """Prompts naming `name` and nothing else of the set: the canvas' partial prompts (its
-        domain templates); for a one-domain set the evaluation paraphrases (`evaluation`) or
-        the training templates."""
+        """Prompts naming `name` and nothing else of the set: its domain's captions (`templates`:
+        benign fine-tuning data, a one-domain set's training prompts) or, with `evaluation`, the
+        prompts UA is measured on besides the training ones (the canvas' partial prompts)."""
         domain = self.domains[self.domain_of(name)]
-        templates = domain.eval_templates if (evaluation and not self.combined) else domain.templates
+        templates = domain.eval_templates if evaluation else domain.templates
         return [Item(((domain.name, name),), t) for t in templates]
 
     def full_items(self, name: str, exclude: set[str] = frozenset()) -> list[Item]:

@@ -180,3 +180,23 @@ class GeneratedSource:
 
     def masks(self, items: Sequence[Item], indices: Sequence[int], size: int) -> np.ndarray | None:
         return None
+
+
+def image_source(concept_set: ConceptSet, seed: int, model=None, cache: Path | None = None,
+                 progress: bool = False) -> ImageSource:
+    """The source a concept set names; a generated source samples `model` (the original model,
+    never the one being trained) with its own steps and guidance."""
+    kind = concept_set.images.source
+    if kind == "canvas":
+        return CanvasSource(seed)
+    if kind == "folder":
+        return FolderSource(concept_set.images.path, concept_set.images.layout, concept_set)
+    if model is None or cache is None:
+        raise ValueError("a generated image source needs the original model and a cache folder")
+
+    def sampler(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        return model.sample(prompts, seeds).float().cpu().numpy()
+
+    key = {"steps": int(model.meta.get("sample_steps", 25)), "guidance": model.guidance_scale,
+           "size": model.pixel_size, "sampler": "ddim"}
+    return GeneratedSource(concept_set, sampler, model.content_hash(), key, cache, progress)

@@ -39,6 +39,7 @@ class Method:
     paper: ClassVar[str] = ""
     trains: ClassVar[str] = ""
     uses_anchor: ClassVar[bool] = False  # AR_CL is reported only where an alternative concept exists
+    needs_retain: ClassVar[bool] = False  # trains on D_r: a task without retain concepts is refused up front
     closed_form: ClassVar[bool] = False  # True: apply_closed_form() edits the weights, no loop runs
 
     def __init__(self, cfg: MethodConfig, backend: Backend, task: UnlearningTask):
@@ -50,7 +51,7 @@ class Method:
     def resolved_steps(self) -> int:
         if self.cfg.epochs is None:
             return self.cfg.steps
-        n_forget = len(self.task.forget_pairs()) * self.task.images_per_pair
+        n_forget = len(self.task.forget_items()) * self.task.images_per_prompt
         return math.ceil(self.cfg.epochs * n_forget / self.cfg.batch_size)
 
     def terms(self) -> list[Term]:

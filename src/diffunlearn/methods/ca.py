@@ -31,6 +31,7 @@ class CAConfig(MethodConfig):
 class _ConceptAblation(Method):
     Config = CAConfig
     trains = "cross-attention K/V (xattn-kv)"
+    needs_retain = True
     uses_anchor = True
     target: ClassVar[str]
     profiles = {

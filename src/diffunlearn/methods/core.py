@@ -33,6 +33,7 @@ class Core(Method):
     Config = CoreConfig
     paper = "[001] eq. 2-4"
     trains = "cross-attention (xattn)"
+    needs_retain = True
     uses_anchor = True
     profiles = {
         "paper": {"lr": 1e-5, "batch_size": 4, "epochs": 25, "alpha": 1.0, "param_group": "xattn"},

@@ -58,6 +58,7 @@ class EraseDiffSum(Method):
     Config = EraseDiffSumConfig
     paper = "[004] Fig. 2 'MOO'; [001] eq. 10"
     trains = "full UNet"
+    needs_retain = True
     profiles = {
         "paper": {"lr": 5e-5, "batch_size": 4, "epochs": 5, "param_group": "full"},  # [001] App. C
         # measured forgetting `dotted`: lr 2e-4 x 150, forget_weight 1: UA 100, IRA 82.5, CRA 92, SFID 2.4;
@@ -78,6 +79,7 @@ class EraseDiff(Method):
     Config = EraseDiffConfig
     paper = "[004] Alg. 1"
     trains = "full UNet"
+    needs_retain = True
     profiles = {
         "paper": {"lr": 1e-5, "batch_size": 4, "steps": 300, "eta_a": 0.1, "param_group": "full"},
         # measured forgetting `dotted`: 2e-4 x 150 broke retained concepts (IRA 51, CRA 52.5);

@@ -33,6 +33,7 @@ class SalUn(Method):
     Config = SalUnConfig
     paper = "[001] eq. 9, [002] eq. 6"
     trains = "the most salient 50% of the UNet"
+    needs_retain = True
     uses_anchor = True
     profiles = {
         "paper": {"lr": 1e-5, "batch_size": 4, "epochs": 10, "beta": 1.0, "param_group": "full"},

@@ -33,6 +33,7 @@ class Shs(Method):
     Config = ShsConfig
     paper = "Wu & Harandi 2024 ([002] baseline)"
     trains = "full UNet"
+    needs_retain = True
     uses_anchor = True
     profiles = {
         "paper": {"lr": 5e-5, "batch_size": 16, "epochs": 5, "sparsity": 0.99, "lam": 0.1, "param_group": "full"},

@@ -10,8 +10,8 @@ v*_i = W_original c_guide(i) and preserved embeddings c_j:
          (lamb I + s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T)^-1
 
 Defaults of the official code: lamb=0.5, erase_scale=1, preserve_scale=1; the guide is the
-empty prompt for objects and "art" for styles, whose testbed equivalents are "" and the
-trained generic style word `pattern`. Preserved concepts default to the task's retain set.
+empty prompt for objects and "art" for styles: the concept set's generic style word (the
+canvas: `pattern`) and the empty prompt. Preserved concepts default to the task's retain set.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from diffunlearn.data import canvas
 from diffunlearn.methods.base import Method, MethodConfig
 
 if TYPE_CHECKING:
@@ -31,8 +30,9 @@ class UCEConfig(MethodConfig):
     lamb: float = Field(0.5, ge=0, description="ridge weight keeping W close to the original")
     erase_scale: float = Field(1.0, ge=0, description="s_e")
     preserve_scale: float = Field(1.0, ge=0, description="s_p; 0 preserves nothing")
-    guide_style: str = Field("pattern", description="guide concept for styles (official: 'art')")
-    guide_object: str = Field("", description="guide concept for objects (official: the empty prompt)")
+    guide: str | None = Field(None, description="guide concept every erased concept is mapped to; default, as the "
+                              "official code: the style domain's generic word ('art'; the canvas: 'pattern') for "
+                              "styles, the empty prompt for everything else")
 
 
 class UCE(Method):
@@ -54,16 +54,20 @@ class UCE(Method):
     def param_group(self) -> str:
         return "xattn-kv"
 
-    def guide(self, concept: str) -> str:
-        return self.cfg.guide_style if canvas.concept_domain(concept) == "style" else self.cfg.guide_object
+    def guide_text(self, concept: str) -> str:
+        if self.cfg.guide is not None:
+            return self.cfg.guide
+        domain = self.task.domain_of(concept)
+        return self.task.concept_set.domains[domain].generic if domain == "style" else ""
 
     def apply_closed_form(self) -> dict[str, float]:
         import torch
 
         model, cfg = self.backend, self.cfg
-        erase = last_token_embeddings(model, self.task.forget)
-        guide = last_token_embeddings(model, [self.guide(c) for c in self.task.forget])
-        preserve = last_token_embeddings(model, self.task.retain) if cfg.preserve_scale > 0 else None
+        text = self.task.concept_set.text
+        erase = last_token_embeddings(model, [text(c) for c in self.task.forget])
+        guide = last_token_embeddings(model, [self.guide_text(c) for c in self.task.forget])
+        preserve = last_token_embeddings(model, [text(c) for c in self.task.retain]) if cfg.preserve_scale > 0 else None
         moved = 0.0
         with torch.no_grad():
             for _, to_k, to_v in model.xattn_kv_layers():

@@ -17,6 +17,7 @@ from diffunlearn.runs.common import (
     load_evaluators,
     log,
     loop_config,
+    make_task,
     peak_rss_mb,
     remove_checkpoint,
     run_or_skip,
@@ -64,7 +65,6 @@ def _execute_attack(resolved, out: Path, threads: int | None, progress: bool) ->
 
     from diffunlearn.attacks import attacks
     from diffunlearn.backends.diffusers_t2i import T2IModel
-    from diffunlearn.data.tasks import UnlearningTask
     from diffunlearn.engine.loop import run_loop, write_curves
     from diffunlearn.metrics.diagnostics import DistanceTracker
 
@@ -80,8 +80,7 @@ def _execute_attack(resolved, out: Path, threads: int | None, progress: bool) ->
         same = resolved.original_dir.resolve() == resolved.model_dir.resolve()
         original = model if same else T2IModel.from_pretrained(resolved.original_dir)
         t = resolved.task
-        task = UnlearningTask.create(t.forget, t.retain, t.images_per_pair, t.seed, t.anchor_scheme,
-                                     image_size=model.image_shape[-1])
+        task = make_task(resolved, original, progress)
         attack_obj = attacks.get(resolved.attack)(c, model, task, original=original)
         data = attack_obj.prepare()
         shown = sorted(data.concepts() & set(task.forget))

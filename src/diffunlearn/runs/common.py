@@ -129,3 +129,15 @@ def remove_checkpoint(out: Path) -> None:
     import shutil
 
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
+
+
+def make_task(resolved, original, progress: bool):
+    """The run's UnlearningTask: its concept set, the set's image source (a generated source
+    samples `original`, the model before any training, and caches by its hash), the anchor map."""
+    from diffunlearn.data.images import image_source
+    from diffunlearn.data.tasks import UnlearningTask, cache_dir
+
+    t = resolved.task
+    source = image_source(resolved.concept_set, t.seed, original, cache_dir(), progress)
+    return UnlearningTask.create(t.forget, t.retain, t.images_per_prompt, t.seed, t.anchor_scheme,
+                                 image_size=original.pixel_size, concept_set=resolved.concept_set, source=source)

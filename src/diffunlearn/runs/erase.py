@@ -18,6 +18,7 @@ from diffunlearn.runs.common import (
     load_evaluators,
     log,
     loop_config,
+    make_task,
     peak_rss_mb,
     remove_checkpoint,
     run_or_skip,
@@ -44,7 +45,6 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
     import torch
 
     from diffunlearn.backends.diffusers_t2i import T2IModel
-    from diffunlearn.data.tasks import UnlearningTask
     from diffunlearn.engine.loop import run_loop, write_curves
     from diffunlearn.methods import methods
     from diffunlearn.metrics.diagnostics import DistanceTracker, weight_distance
@@ -58,8 +58,7 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
         model = T2IModel.from_pretrained(resolved.model_dir)
         model.autocast = resolved.method_config.bf16
         t = resolved.task
-        task = UnlearningTask.create(t.forget, t.retain, t.images_per_pair, t.seed, t.anchor_scheme,
-                                     image_size=model.image_shape[-1])
+        task = make_task(resolved, model, progress)
         method_cls = methods.get(resolved.method)
         method = method_cls(resolved.method_config, model, task)
         steps = method.resolved_steps()
@@ -75,6 +74,7 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
         alternatives = task.anchor_map if method.uses_anchor else None
         before = _evaluate_cached(model, evaluators, task.forget, resolved, alternatives, progress)
 
+        task.prefetch()  # every training image, before training changes the model that may generate them
         params = model.set_trainable(method.param_group())
         method.setup()
         c = resolved.method_config

@@ -13,16 +13,20 @@ def evaluate(model: str | Path | None = None, forget: list[str] | None = None, o
              ) -> dict[str, Any]:
     """Evaluate a model (a model folder or an erase run's model/) on the forget concepts."""
     from diffunlearn.backends.model_dir import check_model_dir
-    from diffunlearn.config import EvalConfig, apply_overrides, build
-    from diffunlearn.data.tasks import validate_concepts
-    from diffunlearn.runs.resolve import model_folder
+    from diffunlearn.config import ConfigError, EvalConfig, TaskConfig, apply_overrides, build
+    from diffunlearn.runs.resolve import model_folder, resolve_task_concepts
 
     model_dir = model_folder(model)
 
     meta = check_model_dir(model_dir)
     forget = list(forget or meta.get("forget") or [])
-    validate_concepts(forget, None)
-    eval_cfg = build(EvalConfig, apply_overrides({}, [o.removeprefix("eval.") for o in overrides or []]), "eval.")
+    sections = apply_overrides({}, overrides or [])
+    unknown = sorted(set(sections) - {"eval", "task"})
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}'; evaluate takes eval.* and task.* overrides")
+    task_cfg = build(TaskConfig, {**(sections.get("task") or {}), "forget": forget}, "task.")
+    concept_set = resolve_task_concepts(task_cfg, model_dir, meta)
+    eval_cfg = build(EvalConfig, sections.get("eval") or {}, "eval.")
     if out:
         prepare_out = Path(out)
         if prepare_out.exists() and any(prepare_out.iterdir()) and not (prepare_out / "evaluation.json").exists():
@@ -40,6 +44,7 @@ def evaluate(model: str | Path | None = None, forget: list[str] | None = None, o
     loaded = T2IModel.from_pretrained(model_dir)
     result = evaluate_model(loaded, load_evaluators(eval_cfg.evaluators), forget, eval_cfg, progress=progress)
     metrics = {"model": str(model_dir), "model_hash": loaded.content_hash(), "forget": forget,
+               "concept_set": concept_set.describe(),
                "eval": eval_cfg.model_dump(), **result.metrics}
     if out:
         out = Path(out)

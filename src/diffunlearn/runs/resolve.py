@@ -27,7 +27,8 @@ from diffunlearn.config import (
     dump_yaml,
     load_yaml,
 )
-from diffunlearn.data.tasks import validate_anchor_scheme, validate_concepts
+from diffunlearn.data.concepts import ConceptSet, resolve_concept_set
+from diffunlearn.data.tasks import TaskError, build_anchor_map
 from diffunlearn.io import atomic_write_text
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -82,12 +83,14 @@ class ResolvedRun:
     model_dir: Path
     model_hash: str
     seed: int
+    concept_set: ConceptSet
     versions: dict[str, str] = field(default_factory=package_versions)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "method": {"name": self.method, "profile": self.profile, **self.method_config.model_dump()},
             "task": self.task.model_dump(),
+            "concept_set": self.concept_set.describe(),
             "eval": self.eval.model_dump(),
             "model": {"path": str(self.model_dir), "hash": self.model_hash},
             "seed": self.seed,
@@ -176,12 +179,38 @@ def resolve_erase(method: str | None, forget: list[str] | None = None, retain: l
     profile, method_config = profiled_config(methods.get(name), method_data, model_dir, meta, "method.")
 
     task = build(TaskConfig, data.get("task") or {}, "task.")
-    validate_concepts(task.forget, task.retain)
-    validate_anchor_scheme(task.anchor_scheme)
+    concept_set = resolve_task_concepts(task, model_dir, meta)
+    method_cls = methods.get(name)
+    if method_cls.needs_retain and not _has_retain(task, concept_set):
+        raise TaskError(f"{name} trains on retain images, and concept set {concept_set.name} has no retain concept "
+                        "here: give --retain CONCEPTS")
     eval_cfg = build(EvalConfig, data.get("eval") or {}, "eval.")
     check_evaluators(eval_cfg)
     return ResolvedRun(name, method_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir),
-                       resolve_seed(data))
+                       resolve_seed(data), concept_set)
+
+
+def model_kind(model_dir: Path, meta: dict) -> str | None:
+    """'testbed' / 'testbed-sd' for the shipped models (and runs made from them), else None."""
+    if is_testbed(model_dir, meta):
+        return "testbed"
+    return meta.get("kind")
+
+
+def resolve_task_concepts(task: TaskConfig, model_dir: Path, meta: dict) -> ConceptSet:
+    """The task's concept set, with its forget/retain names and anchor map checked (torch-free)."""
+    concept_set = resolve_concept_set(task.concepts, task.forget, task.retain, model_kind(model_dir, meta),
+                                      task.domain, task.anchor)
+    concept_set.validate(task.forget, task.retain)
+    retain = task.retain if task.retain is not None else [c for c in concept_set.erasable() if c not in task.forget]
+    build_anchor_map(task.forget, retain, task.anchor_scheme, task.seed, concept_set)
+    return concept_set
+
+
+def _has_retain(task: TaskConfig, concept_set: ConceptSet) -> bool:
+    if task.retain is None:
+        return len(concept_set.erasable()) > len(task.forget) or concept_set.combined
+    return bool(task.retain) or concept_set.combined
 
 
 def check_evaluators(eval_cfg: EvalConfig) -> None:
@@ -241,12 +270,14 @@ class ResolvedAttack:
     alternatives: dict[str, list[str]] | None
     source_run: Path | None
     seed: int
+    concept_set: ConceptSet
     versions: dict[str, str] = field(default_factory=package_versions)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "attack": {"name": self.attack, "profile": self.profile, **self.attack_config.model_dump()},
             "task": self.task.model_dump(),
+            "concept_set": self.concept_set.describe(),
             "eval": self.eval.model_dump(),
             "model": {"path": str(self.model_dir), "hash": self.model_hash},
             "original": str(self.original_dir),
@@ -335,19 +366,17 @@ def resolve_attack(attack: str | None, model: str | Path | None = None, forget: 
     if not task_data.get("forget") and meta.get("forget"):
         task_data["forget"] = list(meta["forget"])
     if not task_data.get("forget"):
-        from diffunlearn.data.tasks import TaskError
-
         raise TaskError("no forget concept: the model is not an erase run, so name the erased concepts with "
                         "--forget (e.g. --forget dotted)")
     task = build(TaskConfig, task_data, "task.")
-    validate_concepts(task.forget, task.retain)
+    concept_set = resolve_task_concepts(task, model_dir, meta)
     eval_cfg = build(EvalConfig, data.get("eval") or {}, "eval.")
     check_evaluators(eval_cfg)
     alternatives = alternatives_of(meta, source_run)
     if alternatives is not None:
-        alternatives = {c: list(a) for c, a in alternatives.items() if c in task.forget} or None
+        alternatives = {c: list(a) for c, a in alternatives.items() if c in task.forget and a} or None
     return ResolvedAttack(name, attack_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir),
-                          original_dir, alternatives, source_run, resolve_seed(data))
+                          original_dir, alternatives, source_run, resolve_seed(data), concept_set)
 
 
 def _source_task(source_run: Path | None) -> dict[str, Any]:
