@@ -82,3 +82,39 @@ def tiny_evaluator_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evaluators")
     build_tiny_evaluators().save(folder, {"width": 8, "feature_dim": 8})
     return folder
+
+
+class CanvasStandIn:
+    """A stand-in text-to-image model for evaluation tests: it renders real canvas images
+    (data/canvas.py) of the concepts its prompt names, with seed-dependent confusions, so that
+    trained evaluators give non-degenerate UA/IRA/CRA/AR figures without any sampling.
+
+    Seed % 5 == 0 draws the next style, seed % 7 == 0 the next object (an unnamed domain is
+    neutral); the image index is the seed, so every image is a pure function of (prompt, seed).
+    The guidance each batch was sampled with is recorded in `calls`.
+    """
+
+    guidance_scale = 3.0
+    image_shape = (3, 16, 16)
+
+    def __init__(self):
+        self.calls: list[tuple[int, float | None]] = []
+
+    def sample(self, prompts, seeds, steps=None, guidance=None, batch_size=128, **_):
+        import torch
+
+        from diffunlearn.data import canvas
+
+        self.calls.append((len(prompts), guidance))
+        pairs = []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            words = prompt.split()
+            style = next((w for w in words if w in canvas.ALL_STYLES), canvas.NEUTRAL_STYLE)
+            obj = next((w for w in words if w in canvas.ALL_OBJECTS), canvas.NEUTRAL_OBJECT)
+            if seed % 5 == 0:
+                style = canvas.ALL_STYLES[(canvas.ALL_STYLES.index(style) + 1) % len(canvas.ALL_STYLES)]
+            if seed % 7 == 0:
+                obj = canvas.ALL_OBJECTS[(canvas.ALL_OBJECTS.index(obj) + 1) % len(canvas.ALL_OBJECTS)]
+            pairs.append((style, obj))
+        images = canvas.render_batch(pairs, [int(s) % 100_000 for s in seeds], seed=7, size=16)[0]
+        return torch.from_numpy(images)
