@@ -71,6 +71,15 @@ def tiny_evaluators():
     return build_tiny_evaluators()
 
 
+@pytest.fixture
+def tiny_canvas_evaluator(tiny_evaluators):
+    """The tiny CNNs behind the `canvas` evaluator protocol, for the canvas concept set."""
+    from diffunlearn.data.concepts import ConceptSet
+    from diffunlearn.metrics.evaluators.canvas import CanvasEvaluator
+
+    return CanvasEvaluator(ConceptSet.builtin("canvas"), cnns=tiny_evaluators)
+
+
 # evaluation overrides small enough for a tiny model end to end (erase and attack tests)
 TINY_EVAL = ["eval.images_per_prompt=1", "eval.partial_images=1", "eval.steps=2", "eval.bootstrap=10",
              "eval.fid_reference_per_pair=1"]
@@ -78,7 +87,7 @@ TINY_EVAL = ["eval.images_per_prompt=1", "eval.partial_images=1", "eval.steps=2"
 
 @pytest.fixture(scope="session")
 def tiny_evaluator_dir(tmp_path_factory):
-    """Tiny evaluators saved as a folder, for `eval.evaluators=...`."""
+    """Tiny evaluators saved as a folder, for `eval.evaluator=canvas:DIR`."""
     folder = tmp_path_factory.mktemp("evaluators")
     build_tiny_evaluators().save(folder, {"width": 8, "feature_dim": 8})
     return folder

@@ -17,7 +17,7 @@ from diffunlearn.methods.core import Core
 def test_erase_then_evaluate_writes_a_complete_run(tiny_model_dir, tiny_evaluator_dir, tmp_path):
     out = tmp_path / "run"
     overrides = ["method.epochs=null", "method.steps=4", "method.batch_size=2", "method.checkpoint_every=2",
-                 "task.images_per_pair=1", f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
+                 "task.images_per_pair=1", f"eval.evaluator=canvas:{tiny_evaluator_dir}", *TINY_EVAL]
     run = diffunlearn.erase("core", ["dotted"], model=tiny_model_dir, out=out, overrides=overrides, progress=False)
 
     for name in ("config.yaml", "run.json", "metrics.json", "curves.csv", "samples.png", "log.txt",
@@ -44,7 +44,7 @@ def test_erase_then_evaluate_writes_a_complete_run(tiny_model_dir, tiny_evaluato
     # only the trained group was saved, and the run folder loads as a model anywhere
     model_meta = json.loads((out / "model" / "diffunlearn.json").read_text())
     assert all(".attn2." in n for n in model_meta["changed_params"])
-    evaluation = diffunlearn.evaluate(out, ["dotted"], overrides=[f"eval.evaluators={tiny_evaluator_dir}",
+    evaluation = diffunlearn.evaluate(out, ["dotted"], overrides=[f"eval.evaluator=canvas:{tiny_evaluator_dir}",
                                                                    *TINY_EVAL], progress=False)
     assert evaluation["UA"] == metrics["after"]["UA"]  # same seeds, same model
 

@@ -23,10 +23,14 @@ import torch
 from conftest import CanvasStandIn, build_tiny_evaluators, build_tiny_model
 
 from diffunlearn.config import EvalConfig
+from diffunlearn.data.concepts import ConceptSet
 from diffunlearn.metrics.classifier import Evaluators
 from diffunlearn.metrics.evaluate import evaluate_model
+from diffunlearn.metrics.evaluators.canvas import CanvasEvaluator
 
 EXPECTED = json.loads((Path(__file__).parent / "data" / "canvas_metrics_regression.json").read_text())
+for _key in ("eval", "eval_standin"):
+    EXPECTED[_key].pop("evaluators")  # the recorded config's evaluator folder (None: the default) is now eval.evaluator
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,7 +62,8 @@ def _evaluate(name: str):
         model, evaluators, cfg = CanvasStandIn(), Evaluators.load(), EvalConfig(**EXPECTED["eval_standin"])
     else:
         model, evaluators, cfg = build_tiny_model(), build_tiny_evaluators(), EvalConfig(**EXPECTED["eval"])
-    result = evaluate_model(model, evaluators, case["forget"], cfg, alternatives=case["alternatives"],
+    evaluator = CanvasEvaluator(ConceptSet.builtin("canvas"), cnns=evaluators)
+    result = evaluate_model(model, evaluator, case["forget"], cfg, alternatives=case["alternatives"],
                             reference_fid=case["reference_fid"], progress=False, data_seed=0)
     return case, result
 
@@ -70,4 +75,8 @@ def test_canvas_metrics_unchanged(name):
             for p in result.plan]
     assert plan == case["plan"]
     assert hashlib.sha256(result.images.numpy().tobytes()).hexdigest() == case["images_sha256"]
-    _same(json.loads(json.dumps(result.metrics)), case["metrics"])
+    metrics = json.loads(json.dumps(result.metrics))
+    # new, informational keys only: which evaluator answered, and that nothing was left out
+    assert metrics.pop("evaluator") == "canvas" and metrics.pop("not_computed") is None
+    assert metrics.pop("notes") == []
+    _same(metrics, case["metrics"])
