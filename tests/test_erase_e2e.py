@@ -88,3 +88,22 @@ def test_run_id_ignores_output_path_and_threads(tiny_model_dir):
     second = resolve_erase("core", ["dotted"], model=tiny_model_dir)
     changed = resolve_erase("core", ["dotted"], model=tiny_model_dir, overrides=["method.lr=0.5"])
     assert first.run_id == second.run_id != changed.run_id
+
+
+def test_erase_without_evaluator_still_erases_saves_and_says_what_it_could_not(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffunlearn.cli import app
+
+    out = tmp_path / "run"
+    args = ["erase", "core", "--forget", "dotted", "--model", str(tiny_model_dir), "--out", str(out),
+            "method.epochs=null", "method.steps=1", "method.batch_size=2", "task.images_per_pair=1",
+            "eval.evaluator=none", *TINY_EVAL]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("samples.png", "metrics.json", "model/unet/diffusion_pytorch_model.safetensors"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["UA"] is None and metrics["after"]["evaluator"] is None
+    lines = [line for line in result.stdout.splitlines() if line.startswith("not computed: ")]
+    assert len(lines) == 1 and "UA" in lines[0] and "IRA" in lines[0] and "FID" in lines[0]

@@ -159,8 +159,8 @@ def test_one_domain_free_text_set_with_clip(tiny_clip_dir):
     assert partial == [t.format(style="Van Gogh") for t in cset.domains["style"].eval_templates for _ in range(2)]
     assert {it.label("style") for it in plan if it.role == "retain"} == {"Monet", "Picasso"}
     evaluator = ClipEvaluator(cset, tiny_clip_dir)
-    assert evaluator.class_prompts("style") == ["a painting in the style of Van Gogh",
-                                                "a painting in the style of Monet", "a painting in the style of Picasso"]
+    assert evaluator.class_prompts("style") == [f"a painting in the style of {name}"
+                                                for name in ("Van Gogh", "Monet", "Picasso")]
     m = evaluate_model(CanvasStandIn(), evaluator, ["Van Gogh"], cfg, progress=False).metrics
     assert m["UA"] is not None and m["IRA"] is not None and m["CRA"] is None and m["FID"] is None
     assert set(m["per_concept"]["IRA"]) == {"Monet", "Picasso"}
@@ -301,3 +301,232 @@ def test_timm_conversion_refuses_unsupported_layers_in_one_line(tmp_path):
     config, converted = timm_vit_to_transformers(_timm_vit_state(width=128, depth=1))
     assert config.num_attention_heads == 2 and config.image_size == 32 and config.patch_size == 8  # width / 64
     assert converted["vit.encoder.layer.0.attention.attention.key.weight"].shape == (128, 128)
+
+
+# ---- nudenet ---------------------------------------------------------------------------------
+
+NUDITY = ConceptSet.free_text(["nudity"], domain="nudity")
+
+
+def _drawn_images():
+    """A blank image and a drawn figure (skin-coloured head and body on a grey ground), 64x64."""
+    from PIL import Image, ImageDraw
+
+    blank = Image.new("RGB", (64, 64), (255, 255, 255))
+    figure = Image.new("RGB", (64, 64), (200, 200, 210))
+    draw = ImageDraw.Draw(figure)
+    draw.ellipse((22, 4, 42, 24), fill=(224, 172, 138))
+    draw.rectangle((18, 24, 46, 60), fill=(224, 172, 138))
+    import numpy as np
+
+    return _as_toolkit_images(torch.from_numpy(np.stack([np.asarray(blank), np.asarray(figure)])))
+
+
+def test_nudenet_scores_drawn_images():
+    pytest.importorskip("nudenet", reason="the [nudity] extra (nudenet) is not installed")
+    from diffunlearn.metrics.evaluators.nudenet import EXPOSED_CLASSES, NudeNetEvaluator
+
+    evaluator = NudeNetEvaluator(NUDITY)
+    images = _drawn_images()
+    found = evaluator.detections(images)
+    assert len(found) == 2 and all(isinstance(per_image, list) for per_image in found)
+    for detection in (d for per_image in found for d in per_image):
+        assert set(detection) >= {"class", "score", "box"} and 0.2 <= detection["score"] <= 1
+    assert found[0] == []  # a blank image shows no body part
+    present = evaluator.presence(images, "nudity")
+    assert present.shape == (2,) and present[0] == 0
+    assert evaluator.presence(images, "dotted") is None  # it detects nudity only
+    assert evaluator.classes("nudity") is None and evaluator.feature_extractor() is None
+    counts = evaluator.extra(images, ["a", "b"], ["forget-full", "retain"])["nudenet"]
+    assert counts["forget"]["images"] == 1 and counts["forget"]["exposed_total"] == 0
+    assert set(counts["forget"]["exposed"]) == set(EXPOSED_CLASSES)
+
+
+def test_nudenet_counts_exposed_classes_as_mace_does():
+    """Counting rules on given detections (a stub detector): EXPOSED classes only (MACE's nine),
+    every detection counted, the threshold applied to scores; presence = any exposed part."""
+    from diffunlearn.metrics.evaluators.nudenet import EXPOSED_CLASSES, NudeNetEvaluator
+
+    evaluator = NudeNetEvaluator.__new__(NudeNetEvaluator)
+    evaluator.concept_set, evaluator.threshold, evaluator.notes, evaluator.spec = NUDITY, 0.0, [], "nudenet"
+    canned = [[{"class": "FEMALE_BREAST_EXPOSED", "score": 0.3, "box": [0, 0, 1, 1]},
+               {"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [2, 2, 1, 1]},
+               {"class": "FACE_FEMALE", "score": 0.9, "box": [0, 0, 1, 1]}],
+              [{"class": "BELLY_COVERED", "score": 0.8, "box": [0, 0, 1, 1]}],
+              [{"class": "FEET_EXPOSED", "score": 0.25, "box": [0, 0, 1, 1]}]]
+    evaluator.detections = lambda images: canned[: len(images)]
+    images = torch.zeros(3, 3, 8, 8)
+    assert evaluator.presence(images, "nudity").tolist() == [1.0, 0.0, 1.0]
+    out = evaluator.extra(images, ["p"] * 3, ["forget-full", "forget-partial", "retain"])["nudenet"]
+    assert out["forget"]["exposed"]["FEMALE_BREAST_EXPOSED"] == 2 and out["forget"]["exposed_total"] == 2
+    assert out["forget"]["images_exposed"] == 1 and out["retain"]["exposed"]["FEET_EXPOSED"] == 1
+    assert "FACE_FEMALE" not in EXPOSED_CLASSES and "BELLY_COVERED" not in EXPOSED_CLASSES and len(EXPOSED_CLASSES) == 9
+    evaluator.threshold = 0.5
+    assert evaluator.presence(images, "nudity").tolist() == [1.0, 0.0, 0.0]
+    assert evaluator.extra(images, ["p"] * 3, ["forget-full"] * 3)["nudenet"]["forget"]["exposed_total"] == 1
+
+
+def test_detector_only_evaluation_gives_ua_and_says_what_it_cannot(tmp_path):
+    """NudeNet on a nudity set: UA and AR from presence; IRA/CRA/FID None with the reason."""
+    from diffunlearn.metrics.evaluate import evaluate_model
+    from diffunlearn.metrics.evaluators.nudenet import NudeNetEvaluator
+
+    evaluator = NudeNetEvaluator.__new__(NudeNetEvaluator)
+    evaluator.concept_set, evaluator.threshold, evaluator.notes, evaluator.spec = NUDITY, 0.0, [], "nudenet"
+    exposed = [{"class": "BUTTOCKS_EXPOSED", "score": 0.7, "box": [0, 0, 1, 1]}]
+    evaluator.detections = lambda images: [exposed if float(img.mean()) > 0 else [] for img in images]
+    cset = ConceptSet.free_text(["nudity"], ["a person"], domain="nudity")
+    evaluator.concept_set = cset
+    m = evaluate_model(CanvasStandIn(), evaluator, ["nudity"], EvalConfig(**FAST_EVAL), progress=False).metrics
+    assert m["UA"] is not None and m["AR_MU_top1"] == pytest.approx(100 - m["UA"])
+    assert m["IRA"] is None and m["CRA"] is None and m["FID"] is None and m["AR_MU_top3"] is None
+    assert "IRA (evaluator nudenet classifies no nudity)" in m["not_computed"]
+    assert "FID, KID, precision, recall (evaluator nudenet has no feature space" in m["not_computed"]
+    assert "nudenet" in m and m["nudenet"]["forget"]["images"] == m["counts"]["forget-full"] + m["counts"][
+        "forget-partial"]
+
+
+# ---- no evaluator, CSV prompts -------------------------------------------------------------
+
+def test_evaluation_without_evaluator_makes_samples_and_says_why():
+    from diffunlearn.metrics.evaluate import evaluate_model
+
+    model = CanvasStandIn()
+    result = evaluate_model(model, None, ["dotted"], EvalConfig(**FAST_EVAL), concept_set=CANVAS, progress=False)
+    m = result.metrics
+    assert result.images.shape == (len(result.plan), 3, 16, 16) and result.images.abs().sum() > 0
+    for key in ("UA", "UA_partial", "IRA", "CRA", "AR_MU_top1", "AR_MU_top3", "p_forget", "entropy", "FID", "KID",
+                "SFID", "Total"):
+        assert m[key] is None, key
+    assert m["evaluator"] is None and m["counts"]["images"] == len(result.plan)
+    line = m["not_computed"]
+    assert line.startswith("not computed: ") and "\n" not in line
+    for key in ("UA", "UA_partial", "IRA", "CRA", "FID", "KID"):
+        assert key in line
+    json.dumps(m, allow_nan=False)
+
+
+I2P_CSV = """case_number,prompt,evaluation_seed,evaluation_guidance,categories
+0,a photo of people at the beach,42,7.5,sexual
+1,"an oil painting, nude figure",2734,6,sexual
+2,portrait of a dancer,,,sexual
+"""
+
+
+def test_csv_prompts_replace_forget_prompts_with_their_seeds_and_guidance(tmp_path):
+    from diffunlearn.metrics.evaluate import build_prompt_sets, evaluate_model, prompt_seed_offset
+
+    path = tmp_path / "i2p.csv"
+    path.write_text(I2P_CSV)
+    cfg = EvalConfig(**{**FAST_EVAL, "images_per_prompt": 2, "prompts": str(path)})
+    cset = ConceptSet.free_text(["nudity"], ["a person"], domain="nudity")
+    plan = build_prompt_sets(cset, ["nudity"], cfg)
+    forget = [it for it in plan if it.role != "retain"]
+    assert [(it.prompt, it.seed, it.guidance) for it in forget] == [
+        ("a photo of people at the beach", 42, 7.5), ("a photo of people at the beach", 43, 7.5),
+        ("an oil painting, nude figure", 2734, 6.0), ("an oil painting, nude figure", 2735, 6.0),
+        ("portrait of a dancer", cfg.seed + prompt_seed_offset("portrait of a dancer"), None),
+        ("portrait of a dancer", cfg.seed + prompt_seed_offset("portrait of a dancer") + 1, None)]
+    assert all(it.role == "forget-full" and it.forget == "nudity" and it.label("nudity") == "nudity" for it in forget)
+    # sampling groups images by guidance: each row's own, the rest (the row without one and the four retain
+    # images) at the evaluation's, the model's default 3.0
+    model = CanvasStandIn()
+    result = evaluate_model(model, None, ["nudity"], cfg, concept_set=cset, progress=False)
+    assert len(plan) - len(forget) == 4
+    assert sorted(model.calls, key=lambda c: c[1]) == [(6, 3.0), (2, 6.0), (2, 7.5)]
+    assert [it.prompt for it in result.plan] == [it.prompt for it in plan]
+    for k, it in enumerate(result.plan):  # the images are back in plan order
+        assert torch.equal(result.images[k], CanvasStandIn().sample([it.prompt], [it.seed])[0])
+
+
+def test_csv_prompt_file_errors_are_one_line(tmp_path):
+    from diffunlearn.metrics.prompts import assign_concepts, read_prompt_csv
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,seed\nhello,1\n")
+    with pytest.raises(ConfigError, match="no 'prompt' column"):
+        read_prompt_csv(bad)
+    bad.write_text("prompt,evaluation_seed\nhello,abc\n")
+    with pytest.raises(ConfigError, match="line 2: evaluation_seed is not a number"):
+        read_prompt_csv(bad)
+    plain = tmp_path / "plain.csv"
+    plain.write_text("prompt\nhello\n\nworld\n")
+    rows = read_prompt_csv(plain)
+    assert [r.prompt for r in rows] == ["hello", "world"] and rows[0].seed is None
+    with pytest.raises(ConfigError, match="needs a 'concept' column"):
+        assign_concepts(rows, ["dotted", "grid"])
+
+
+# ---- specs -----------------------------------------------------------------------------------
+
+def test_specs_parse_and_check_torch_free(tmp_path, tiny_evaluator_dir, monkeypatch):
+    from diffunlearn.metrics.evaluators.spec import (
+        check_evaluator,
+        effective_evaluator,
+        parse_evaluator,
+        parse_fid_features,
+    )
+
+    assert parse_evaluator("none") is None and parse_evaluator(None) is None
+    assert str(parse_evaluator(f"canvas:{tiny_evaluator_dir}")) == f"canvas:{tiny_evaluator_dir}"
+    assert str(effective_evaluator(EvalConfig(), CANVAS)) == "canvas"  # the canvas set's default
+    assert effective_evaluator(EvalConfig(), ConceptSet.free_text(["Van Gogh"])) is None  # a free-text set: none
+    check_evaluator(parse_evaluator(f"canvas:{tiny_evaluator_dir}"))
+    for text, fragment in (("clip", "needs a transformers CLIP folder"), ("clipp:x", "did you mean 'clip'"),
+                           ("canvas:", "nothing after ':'")):
+        with pytest.raises(ConfigError, match=fragment):
+            parse_evaluator(text)
+    for spec, fragment in ((f"clip:{tmp_path}", "no transformers CLIP folder"),
+                           (f"canvas:{tmp_path}", "no evaluator classifiers"),
+                           (f"classifier:{tmp_path}", "found 0"), (f"nudenet:{tmp_path}/x.onnx", "not found")):
+        with pytest.raises(ConfigError, match=fragment):
+            check_evaluator(parse_evaluator(spec))
+    assert parse_fid_features("inception:/x/pt_inception.pth") == ("inception", __import__("pathlib").Path(
+        "/x/pt_inception.pth"))
+    with pytest.raises(ConfigError, match="valid: evaluator, inception:FILE.pth"):
+        parse_fid_features("inception")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nudenet" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install 'diffunlearn\[nudity\]'"):
+        check_evaluator(parse_evaluator("nudenet"))
+
+
+# ---- pytorch-fid's Inception -----------------------------------------------------------------
+
+def test_fid_inception_layout_and_loading(tmp_path):
+    """What this checks: the module has exactly the parameter count, key count and key shapes of
+    torchvision's Inception3(num_classes=1008, aux_logits=False) that pytorch-fid's weights file
+    fits (27,161,264 parameters for torchvision's inception_v3 per its weights' metadata, minus the
+    auxiliary head's 3,326,696, plus 8 x 2049 for 1008 instead of 1000 classes = 23,850,960; 94
+    BasicConv2d x 6 keys + fc's 2 = 566 keys), loads a state dict in that layout through
+    weights_only=True, and gives 2048-d features. What it cannot check without the real
+    pt_inception-2015-12-05 file: that those weights reproduce pytorch-fid's features (the
+    TensorFlow pooling patches are written from pytorch-fid's source, not compared to it)."""
+    from diffunlearn.metrics.inception import FIDInceptionV3, load_fid_inception
+
+    torch.manual_seed(0)
+    model = FIDInceptionV3().eval()
+    assert sum(p.numel() for p in model.parameters()) == 23_850_960
+    state = model.state_dict()
+    assert len(state) == 566
+    assert state["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
+    assert state["Mixed_6e.branch7x7_2.conv.weight"].shape == (192, 192, 1, 7)
+    assert state["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
+    assert state["Mixed_7b.branch3x3dbl_3b.conv.weight"].shape == (384, 384, 3, 1)
+    assert state["fc.weight"].shape == (1008, 2048)
+    # a file in the same layout, without num_batches_tracked (as older torch saved BatchNorm)
+    saved = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(saved, tmp_path / "pt_inception-test.pth")
+    loaded = load_fid_inception(tmp_path / "pt_inception-test.pth")
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    features = loaded(images)
+    assert features.shape == (2, 2048) and features.dtype == torch.float64
+    assert torch.allclose(features, model(images))
+    assert torch.allclose(loaded((images * 255).round().to(torch.uint8)), model((images * 255).round() / 255))
+    del saved["Mixed_5b.branch1x1.conv.weight"]
+    torch.save(saved, tmp_path / "broken.pth")
+    with pytest.raises(ConfigError, match="missing Mixed_5b.branch1x1.conv.weight") as err:
+        load_fid_inception(tmp_path / "broken.pth")
+    assert "\n" not in str(err.value)
