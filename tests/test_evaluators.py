@@ -167,6 +167,9 @@ def test_one_domain_free_text_set_with_clip(tiny_clip_dir):
     assert "CRA (the concept set has one domain)" in m["not_computed"]
     assert "FID, KID, precision, recall (no reference images" in m["not_computed"]
     assert "\n" not in m["not_computed"]
+    # a domain with a single concept cannot be classified zero-shot (the softmax would always name it)
+    alone = ClipEvaluator(ConceptSet.free_text(["Van Gogh"], domain="style"), tiny_clip_dir)
+    assert alone.classes("style") is None and "two concepts or more" in alone.notes[0]
 
 
 # ---- classifier:PATH -------------------------------------------------------------------------

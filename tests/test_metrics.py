@@ -281,6 +281,19 @@ def test_save_grid_writes_labelled_png(tmp_path):
         save_grid(tmp_path / "empty.png", [])
 
 
+def test_plan_items_saved_before_concept_sets_load():
+    """Evaluations cached before labels became {domain: concept} stored style/object fields."""
+    from diffunlearn.metrics.evaluate import PlanItem
+
+    old = {"prompt": "an image of ring in dotted style", "seed": 5, "role": "forget-full", "style": "dotted",
+           "object": "ring", "forget": "dotted", "alternatives": ["grid"], "index": 0}
+    item = PlanItem.from_dict(old)
+    assert item.label("style") == "dotted" and item.label("object") == "ring" and item.alternatives == ("grid",)
+    partial = PlanItem.from_dict({**old, "object": None, "role": "forget-partial"})
+    assert partial.labels == (("style", "dotted"),)
+    assert PlanItem.from_dict(item.to_dict()) == item
+
+
 def test_plan_accepts_alternatives_among_forget_concepts():
     """CORE's derangement maps forget concepts onto each other: AR_CL must still be reported."""
     plan = build_prompt_sets(CANVAS, ["circle", "ring"], EvalConfig(images_per_prompt=1, partial_images=1),

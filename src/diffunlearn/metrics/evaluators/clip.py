@@ -63,6 +63,10 @@ class ClipEvaluator(Evaluator):
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
         self._images = ImageCache()
         self._texts: dict[str, torch.Tensor] = {}
+        for name, entry in concept_set.domains.items():
+            if len(entry.all) < 2:
+                self.notes.append(f"CLIP zero-shot needs two concepts or more in domain '{name}' (give retain "
+                                  "concepts or a neutral one); it is not classified")
 
     # ---- embeddings ------------------------------------------------------------------------
     @torch.no_grad()
@@ -97,7 +101,9 @@ class ClipEvaluator(Evaluator):
     # ---- the protocol ----------------------------------------------------------------------
     def classes(self, domain: str) -> list[str] | None:
         entry = self.concept_set.domains.get(domain)
-        return [c.name for c in entry.all] if entry is not None else None
+        if entry is None or len(entry.all) < 2:  # a softmax over one class would always name it
+            return None
+        return [c.name for c in entry.all]
 
     def class_prompts(self, domain: str) -> list[str]:
         entry = self.concept_set.domains[domain]
