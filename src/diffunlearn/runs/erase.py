@@ -15,7 +15,7 @@ from diffunlearn.runs.common import (
     accelerator_peak,
     attach_log,
     detach_log,
-    load_evaluators,
+    load_judging,
     log,
     loop_config,
     peak_rss_mb,
@@ -24,7 +24,7 @@ from diffunlearn.runs.common import (
     save_samples,
     write_json,
 )
-from diffunlearn.runs.resolve import ResolvedRun, resolve_erase, write_config, write_run_marker
+from diffunlearn.runs.resolve import ResolvedRun, resolve_erase, run_concept_set, write_config, write_run_marker
 
 
 def erase(method: str | None, forget: list[str] | None = None, retain: list[str] | None = None,
@@ -71,9 +71,9 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
         log.info("erase %s: forget %s, %d steps on %s (run %s)", resolved.method, t.forget, steps,
                  method.param_group(), resolved.run_id)
 
-        evaluators = load_evaluators(resolved.eval.evaluators) if resolved.eval.enabled else None
+        judging = load_judging(resolved.eval, run_concept_set(resolved.task)) if resolved.eval.enabled else None
         alternatives = task.anchor_map if method.uses_anchor else None
-        before = _evaluate_cached(model, evaluators, task.forget, resolved, alternatives, progress)
+        before = _evaluate_cached(model, judging, task.forget, resolved, alternatives, progress)
 
         params = model.set_trainable(method.param_group())
         method.setup()
@@ -112,10 +112,12 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
         metrics["diagnostics"] = {"weight_distance": weight_distance(model.teacher_params(), params),
                                   "final_loss": result.curves[-1] if result.curves else None,
                                   "distance_by_group": result.hook_rows[-1] if result.hook_rows else None}
-        if evaluators is not None:
-            after = _evaluate(model, evaluators, task.forget, resolved, alternatives, before, progress)
+        if judging is not None:
+            after = _evaluate(model, judging, task.forget, resolved, alternatives, before, progress)
             metrics["before"], metrics["after"] = before.metrics, after.metrics
             save_samples(out / "samples.png", before, after)
+            if after.metrics.get("not_computed"):
+                log.info("%s", after.metrics["not_computed"])
         write_json(out / "metrics.json", metrics)
         write_run_marker(out, resolved.run_id, "erase", "complete")
         remove_checkpoint(out)
@@ -133,31 +135,34 @@ def _closed_form(method):
     return LoopResult(steps=0, curves=[{"step": 0, **logs}], hook_rows=[], seconds=time.perf_counter() - start)
 
 
-def _evaluate(model, evaluators, forget, resolved: ResolvedRun, alternatives, before, progress: bool):
+def _evaluate(model, judging, forget, resolved: ResolvedRun, alternatives, before, progress: bool):
     from diffunlearn.metrics.evaluate import evaluate_model
 
     reference = before.metrics.get("FID") if before is not None else None
-    return evaluate_model(model, evaluators, forget, resolved.eval, alternatives=alternatives,
-                          reference_fid=reference, progress=progress)
+    return evaluate_model(model, judging.evaluator, forget, resolved.eval, concept_set=judging.concept_set,
+                          alternatives=alternatives, reference_fid=reference, fid_feature=judging.fid_feature,
+                          progress=progress)
 
 
-def _evaluate_cached(model, evaluators, forget, resolved: ResolvedRun, alternatives, progress: bool):
-    """The original model's evaluation, cached per (model, forget set, eval config, alternatives):
-    every erase run of the same model and concepts starts from the same 'before'."""
-    if evaluators is None:
+def _evaluate_cached(model, judging, forget, resolved: ResolvedRun, alternatives, progress: bool):
+    """The original model's evaluation, cached per (model, forget set, eval config, evaluator,
+    concept set, alternatives): every erase run of the same model and concepts starts from the
+    same 'before'."""
+    if judging is None:
         return None
     from diffunlearn.config import config_hash
     from diffunlearn.data.tasks import cache_dir
     from diffunlearn.metrics.evaluate import Evaluation
 
     key = config_hash({"model": resolved.model_hash, "forget": sorted(forget), "eval": resolved.eval.model_dump(),
+                       "evaluator": judging.spec, "concepts": judging.concept_set.fingerprint(),
                        "alternatives": alternatives, "versions": resolved.versions})
     folder = cache_dir() / "evaluations" / key
     if (folder / "metrics.json").exists() and (folder / "images.npy").exists():
         try:
             return Evaluation.load(folder)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass  # a corrupt cache entry is recomputed
-    result = _evaluate(model, evaluators, forget, resolved, alternatives, None, progress)
+    result = _evaluate(model, judging, forget, resolved, alternatives, None, progress)
     result.save(folder)
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffunlearn.runs.common import load_evaluators, write_json
+from diffunlearn.runs.common import load_judging, write_json
 
 
 def evaluate(model: str | Path | None = None, forget: list[str] | None = None, out: str | Path | None = None,
@@ -15,7 +15,7 @@ def evaluate(model: str | Path | None = None, forget: list[str] | None = None, o
     from diffunlearn.backends.model_dir import check_model_dir
     from diffunlearn.config import EvalConfig, apply_overrides, build
     from diffunlearn.data.tasks import validate_concepts
-    from diffunlearn.runs.resolve import model_folder
+    from diffunlearn.runs.resolve import check_eval_prompts, check_evaluators, model_folder, run_concept_set
 
     model_dir = model_folder(model)
 
@@ -23,6 +23,9 @@ def evaluate(model: str | Path | None = None, forget: list[str] | None = None, o
     forget = list(forget or meta.get("forget") or [])
     validate_concepts(forget, None)
     eval_cfg = build(EvalConfig, apply_overrides({}, [o.removeprefix("eval.") for o in overrides or []]), "eval.")
+    concept_set = run_concept_set()
+    check_evaluators(eval_cfg, concept_set)
+    check_eval_prompts(eval_cfg, forget)
     if out:
         prepare_out = Path(out)
         if prepare_out.exists() and any(prepare_out.iterdir()) and not (prepare_out / "evaluation.json").exists():
@@ -38,7 +41,9 @@ def evaluate(model: str | Path | None = None, forget: list[str] | None = None, o
     if threads:
         torch.set_num_threads(threads)
     loaded = T2IModel.from_pretrained(model_dir)
-    result = evaluate_model(loaded, load_evaluators(eval_cfg.evaluators), forget, eval_cfg, progress=progress)
+    judging = load_judging(eval_cfg, concept_set)
+    result = evaluate_model(loaded, judging.evaluator, forget, eval_cfg, concept_set=concept_set,
+                            fid_feature=judging.fid_feature, progress=progress)
     metrics = {"model": str(model_dir), "model_hash": loaded.content_hash(), "forget": forget,
                "eval": eval_cfg.model_dump(), **result.metrics}
     if out:

@@ -27,6 +27,7 @@ from diffunlearn.config import (
     dump_yaml,
     load_yaml,
 )
+from diffunlearn.data.concepts import ConceptSet
 from diffunlearn.data.tasks import validate_anchor_scheme, validate_concepts
 from diffunlearn.io import atomic_write_text
 
@@ -179,16 +180,39 @@ def resolve_erase(method: str | None, forget: list[str] | None = None, retain: l
     validate_concepts(task.forget, task.retain)
     validate_anchor_scheme(task.anchor_scheme)
     eval_cfg = build(EvalConfig, data.get("eval") or {}, "eval.")
-    check_evaluators(eval_cfg)
+    check_evaluators(eval_cfg, run_concept_set(task))
+    check_eval_prompts(eval_cfg, task.forget)
     return ResolvedRun(name, method_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir),
                        resolve_seed(data))
 
 
-def check_evaluators(eval_cfg: EvalConfig) -> None:
-    folder = Path(eval_cfg.evaluators) if eval_cfg.evaluators else ASSETS / "evaluators"
-    if eval_cfg.enabled and not (folder / "config.json").is_file():
-        raise ConfigError(f"no evaluator classifiers in {folder}; run `diffunlearn pretrain evaluators --install` "
-                          "or set eval.evaluators=DIR (or eval.enabled=false)")
+def run_concept_set(task: TaskConfig | None = None) -> ConceptSet:
+    """The concept set a run evaluates with. PLACEHOLDER until the concept-set wiring of
+    data/tasks.py lands: every run is on the built-in canvas set. Replace this one function
+    (e.g. with `resolve_concept_set(...)` on the run's config) and the evaluators follow."""
+    return ConceptSet.builtin("canvas")
+
+
+def check_evaluators(eval_cfg: EvalConfig, concept_set: ConceptSet | None = None) -> None:
+    """The evaluator, FID feature space and prompt file `eval` names are usable (torch-free):
+    one-line ConfigError for a missing folder, file or optional package, or a bad prompt CSV."""
+    from diffunlearn.metrics.evaluators.spec import check_evaluator, check_fid_features, effective_evaluator
+    from diffunlearn.metrics.prompts import read_prompt_csv
+
+    if not eval_cfg.enabled:
+        return
+    check_evaluator(effective_evaluator(eval_cfg, concept_set or run_concept_set()))
+    check_fid_features(eval_cfg.fid_features)
+    if eval_cfg.prompts:
+        read_prompt_csv(eval_cfg.prompts)
+
+
+def check_eval_prompts(eval_cfg: EvalConfig, forget: list[str]) -> None:
+    """`eval.prompts` rows each probe one forget concept (a `concept` column, or one forget concept)."""
+    if eval_cfg.enabled and eval_cfg.prompts:
+        from diffunlearn.metrics.prompts import assign_concepts, read_prompt_csv
+
+        assign_concepts(read_prompt_csv(eval_cfg.prompts), forget)
 
 
 def prepare_run_dir(out: Path, run_id: str, kind: str) -> str:
@@ -342,7 +366,8 @@ def resolve_attack(attack: str | None, model: str | Path | None = None, forget: 
     task = build(TaskConfig, task_data, "task.")
     validate_concepts(task.forget, task.retain)
     eval_cfg = build(EvalConfig, data.get("eval") or {}, "eval.")
-    check_evaluators(eval_cfg)
+    check_evaluators(eval_cfg, run_concept_set(task))
+    check_eval_prompts(eval_cfg, task.forget)
     alternatives = alternatives_of(meta, source_run)
     if alternatives is not None:
         alternatives = {c: list(a) for c, a in alternatives.items() if c in task.forget} or None
