@@ -160,13 +160,13 @@ def test_every_attack_config_validates_and_has_both_profiles():
 def test_erase_then_attack_end_to_end(tiny_model_dir, tiny_evaluator_dir, tmp_path, one_thread):
     erase_out = tmp_path / "erase"
     erase_overrides = ["method.epochs=null", "method.steps=2", "method.batch_size=2", "task.images_per_prompt=1",
-                       f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
+                       f"eval.evaluator=canvas:{tiny_evaluator_dir}", *TINY_EVAL]
     erased = diffunlearn.erase("core", ["dotted"], model=tiny_model_dir, out=erase_out, overrides=erase_overrides,
                                progress=False)
     assert (erase_out / "diagnostics.csv").exists()  # distance per group over the unlearning
 
     overrides = ["attack.steps=4", "attack.eval_every=2", "attack.batch_size=2", "attack.checkpoint_every=2",
-                 f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
+                 f"eval.evaluator=canvas:{tiny_evaluator_dir}", *TINY_EVAL]
     run = diffunlearn.attack("relearn", erase_out, overrides=overrides, progress=False)
     out = erase_out / "attacks" / f"relearn-{run.run_id}"
     assert run.out == out
@@ -194,7 +194,7 @@ def test_erase_then_attack_end_to_end(tiny_model_dir, tiny_evaluator_dir, tmp_pa
 def test_attack_on_the_original_model_needs_forget(tiny_model_dir, tiny_evaluator_dir, tmp_path, one_thread):
     from diffunlearn.data.tasks import TaskError
 
-    overrides = ["attack.steps=2", "attack.batch_size=2", f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL,
+    overrides = ["attack.steps=2", "attack.batch_size=2", f"eval.evaluator=canvas:{tiny_evaluator_dir}", *TINY_EVAL,
                  "task.images_per_prompt=1"]
     with pytest.raises(TaskError, match="--forget"):
         diffunlearn.attack("relearn", tiny_model_dir, out=tmp_path / "x", overrides=overrides, progress=False)

@@ -170,8 +170,9 @@ def evaluate(
 
 
 @app.command("ls")
-def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | metrics")]) -> None:
-    """List the registered methods, the attacks and their options, the testbed's concepts, or the metrics."""
+def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | metrics | evaluators")]) -> None:
+    """List the registered methods, the attacks and their options, the testbed's concepts, the metrics, or the
+    evaluators (`eval.evaluator=NAME[:PATH]`)."""
     from diffunlearn.data import canvas
     from diffunlearn.methods import methods
 
@@ -196,8 +197,15 @@ def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | 
 
         for name, text in METRIC_HELP.items():
             typer.echo(f"{name:12s} {text}")
+    elif what == "evaluators":
+        from diffunlearn.metrics.evaluators import evaluators
+
+        for name in evaluators.names():
+            typer.echo(f"{name:12s} {evaluators.help(name)}")
+        typer.echo(f"{'none':12s} no evaluator: runs still erase, save and write samples; metrics are not computed")
+        typer.echo("FID/KID features: eval.fid_features=evaluator | inception:FILE.pth | none")
     else:
-        fail(f"unknown listing '{what}'; valid: methods, attacks, concepts, metrics")
+        fail(f"unknown listing '{what}'; valid: methods, attacks, concepts, metrics, evaluators")
 
 
 @app.command()
@@ -282,6 +290,8 @@ def _print_summary(metrics: dict, out: Path | None) -> None:
     if before:
         shown = [k for k in keys if isinstance(before.get(k), int | float)]
         typer.echo("before: " + " ".join(f"{k}={before[k]:.1f}" for k in shown))
+    if after.get("not_computed"):
+        typer.echo(after["not_computed"])
     if out:
         typer.echo(f"written to {out}")
 

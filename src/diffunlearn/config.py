@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -94,6 +94,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def validation_message(err: ValidationError, prefix: str = "") -> str:
     """One line naming the first bad key and why (pydantic's own text is multi-line)."""
     first = err.errors()[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):
+        return str(cause)  # a validator's own one-line message (e.g. a bad eval.evaluator)
     loc = ".".join(str(p) for p in first["loc"])
     key = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
     if first["type"] == "extra_forbidden":
@@ -167,7 +170,39 @@ class EvalConfig(StrictModel):
     fid_reference_per_pair: int = Field(4, ge=1, description="held-out real images per retain pair")
     batch_size: int = Field(128, ge=1)
     enabled: bool = True
-    evaluators: str | None = Field(None, description="evaluator folder; default: the shipped classifiers")
+    evaluator: str | None = Field(
+        None, description="how generations are judged: canvas[:DIR] | clip:PATH | nudenet[:FILE.onnx] | "
+        "classifier:PATH | none (see `diffunlearn ls evaluators`); default: the concept set's "
+        "(canvas: the shipped CNNs)")
+    fid_features: str = Field("evaluator", description="FID/KID feature space: evaluator (its own) | "
+                              "inception:FILE.pth (pytorch-fid's Inception weights) | none")
+    prompts: str | None = Field(None, description="CSV of forget prompts replacing the plan's (I2P columns prompt, "
+                                "evaluation_seed, evaluation_guidance; optional concept)")
+    nudenet_threshold: float = Field(0.0, ge=0, le=1, description="minimum NudeNet score that counts as exposed "
+                                     "(the detector drops scores < 0.2 itself; ESD and MACE count all it returns)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_evaluators(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "evaluators" in data:
+            raise ConfigError("eval.evaluators=DIR is now eval.evaluator=canvas:DIR")
+        return data
+
+    @field_validator("evaluator")
+    @classmethod
+    def _evaluator_spec(cls, value: str | None) -> str | None:
+        from diffunlearn.metrics.evaluators.spec import parse_evaluator
+
+        parse_evaluator(value)  # a bad name or a missing PATH: a one-line error before any model loads
+        return value
+
+    @field_validator("fid_features")
+    @classmethod
+    def _fid_features_spec(cls, value: str) -> str:
+        from diffunlearn.metrics.evaluators.spec import parse_fid_features
+
+        parse_fid_features(value)
+        return value
 
 
 class PretrainArch(StrictModel):

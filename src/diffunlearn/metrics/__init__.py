@@ -16,6 +16,9 @@ METRIC_HELP = {
     "KID": "kernel inception distance on the same features (mean, std over subsets)",
     "precision": "k-NN manifold precision of retain generations (Kynkaanniemi et al. 2019)",
     "recall": "k-NN manifold recall of retain generations",
+    "CLIP_score": "100 * max(cos(CLIP image, CLIP prompt), 0) on retain generations (clip evaluator) [004]",
+    "CLIP_score_forget": "the CLIP score of forget generations with their own prompts (clip evaluator)",
+    "nudenet": "NudeNet exposed body parts counted per class on forget / retain generations (nudenet) [003][004]",
     "weight_distance": "L2 distance and relative change of the trained weights from the original",
     "cost": "wall time, peak memory (RSS), optimizer steps",
 }

@@ -14,7 +14,7 @@ from diffunlearn.runs.common import (
     accelerator_peak,
     attach_log,
     detach_log,
-    load_evaluators,
+    load_judging,
     log,
     loop_config,
     make_task,
@@ -100,8 +100,8 @@ def _execute_attack(resolved, out: Path, threads: int | None, progress: bool) ->
         if not same:
             del original, attack_obj.original
             attack_obj.original = model
-        evaluators = load_evaluators(resolved.eval.evaluators) if resolved.eval.enabled else None
-        watcher = _AttackWatcher(model, evaluators, task.forget, resolved, tracker, out)
+        judging = load_judging(resolved.eval, resolved.concept_set) if resolved.eval.enabled else None
+        watcher = _AttackWatcher(model, judging, task, resolved, tracker, out)
         params = attack_obj.trainable()
         loop_cfg = loop_config(c, c.steps, resolved.seed, progress, f"attack ({resolved.attack})",
                                 hook_every=c.eval_every or c.steps)
@@ -143,21 +143,24 @@ class _AttackWatcher:
     and the weights' distance to the original at step 0, every `eval_every` steps and at the
     end. The full evaluations before and after are kept on disk, so a resumed run has them."""
 
-    def __init__(self, model, evaluators, forget, resolved, tracker, out: Path):
-        self.model, self.evaluators, self.forget, self.resolved = model, evaluators, forget, resolved
+    def __init__(self, model, judging, task, resolved, tracker, out: Path):
+        self.model, self.judging, self.task, self.resolved = model, judging, task, resolved
         self.tracker, self.out = tracker, out
         self.steps = resolved.attack_config.steps
         self.reference_fid: float | None = None
 
     def __call__(self, step: int) -> dict[str, float]:
         row = dict(self.tracker(self.model.effective_weights()))
-        if self.evaluators is None:
+        if self.judging is None:
             return row
+        if self.judging.evaluator is None and step not in (0, self.steps):
+            return row  # without an evaluator only the samples before and after are worth generating
         from diffunlearn.metrics.evaluate import evaluate_model
 
-        result = evaluate_model(self.model, self.evaluators, self.forget, self.resolved.eval,
-                                alternatives=self.resolved.alternatives, reference_fid=self._reference_fid(),
-                                progress=False)
+        result = evaluate_model(self.model, self.judging.evaluator, self.task.forget, self.resolved.eval,
+                                concept_set=self.judging.concept_set, alternatives=self.resolved.alternatives,
+                                reference_fid=self._reference_fid(), reference=self.task.source,
+                                fid_feature=self.judging.fid_feature, progress=False, data_seed=self.task.seed)
         m = result.metrics
         if step == 0:
             self._store("before", result)

@@ -59,10 +59,30 @@ def loop_config(c, steps: int, seed: int, progress: bool, description: str, **ex
                       description=description, **extra)
 
 
-def load_evaluators(folder: str | None):
-    from diffunlearn.metrics.classifier import EVALUATOR_DIR, Evaluators
+@dataclass
+class Judging:
+    """What a run evaluates with, loaded once: the concept set, the evaluator (None: `none`) and
+    the FID/KID feature extractor (None: no FID)."""
 
-    return Evaluators.load(Path(folder) if folder else EVALUATOR_DIR)
+    concept_set: Any
+    evaluator: Any
+    fid_feature: Any
+
+    @property
+    def spec(self) -> str | None:
+        return self.evaluator.spec if self.evaluator is not None else None
+
+
+def load_judging(eval_cfg, concept_set) -> Judging:
+    """The evaluator `eval.evaluator` names (default: the concept set's) and the FID features
+    `eval.fid_features` names, for `concept_set`."""
+    from diffunlearn.metrics.evaluators import effective_evaluator, load_evaluator, load_fid_features
+
+    evaluator = load_evaluator(effective_evaluator(eval_cfg, concept_set), concept_set, eval_cfg)
+    judging = Judging(concept_set, evaluator, load_fid_features(eval_cfg.fid_features, evaluator))
+    if evaluator is None:
+        log.info("no evaluator (eval.evaluator=none): samples are generated, metrics are not computed")
+    return judging
 
 
 def save_samples(path: Path, before, after) -> None:

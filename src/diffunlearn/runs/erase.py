@@ -15,7 +15,7 @@ from diffunlearn.runs.common import (
     accelerator_peak,
     attach_log,
     detach_log,
-    load_evaluators,
+    load_judging,
     log,
     loop_config,
     make_task,
@@ -70,9 +70,9 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
         log.info("erase %s: forget %s, %d steps on %s (run %s)", resolved.method, t.forget, steps,
                  method.param_group(), resolved.run_id)
 
-        evaluators = load_evaluators(resolved.eval.evaluators) if resolved.eval.enabled else None
+        judging = load_judging(resolved.eval, resolved.concept_set) if resolved.eval.enabled else None
         alternatives = task.anchor_map if method.uses_anchor else None
-        before = _evaluate_cached(model, evaluators, task.forget, resolved, alternatives, progress)
+        before = _evaluate_cached(model, judging, task, resolved, alternatives, progress)
 
         task.prefetch()  # every training image, before training changes the model that may generate them
         params = model.set_trainable(method.param_group())
@@ -112,10 +112,12 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
         metrics["diagnostics"] = {"weight_distance": weight_distance(model.teacher_params(), params),
                                   "final_loss": result.curves[-1] if result.curves else None,
                                   "distance_by_group": result.hook_rows[-1] if result.hook_rows else None}
-        if evaluators is not None:
-            after = _evaluate(model, evaluators, task.forget, resolved, alternatives, before, progress)
+        if judging is not None:
+            after = _evaluate(model, judging, task, resolved, alternatives, before, progress)
             metrics["before"], metrics["after"] = before.metrics, after.metrics
             save_samples(out / "samples.png", before, after)
+            if after.metrics.get("not_computed"):
+                log.info("%s", after.metrics["not_computed"])
         write_json(out / "metrics.json", metrics)
         write_run_marker(out, resolved.run_id, "erase", "complete")
         remove_checkpoint(out)
@@ -133,31 +135,35 @@ def _closed_form(method):
     return LoopResult(steps=0, curves=[{"step": 0, **logs}], hook_rows=[], seconds=time.perf_counter() - start)
 
 
-def _evaluate(model, evaluators, forget, resolved: ResolvedRun, alternatives, before, progress: bool):
+def _evaluate(model, judging, task, resolved: ResolvedRun, alternatives, before, progress: bool):
     from diffunlearn.metrics.evaluate import evaluate_model
 
-    reference = before.metrics.get("FID") if before is not None else None
-    return evaluate_model(model, evaluators, forget, resolved.eval, alternatives=alternatives,
-                          reference_fid=reference, progress=progress)
+    reference_fid = before.metrics.get("FID") if before is not None else None
+    return evaluate_model(model, judging.evaluator, task.forget, resolved.eval, concept_set=judging.concept_set,
+                          alternatives=alternatives, reference_fid=reference_fid, reference=task.source,
+                          fid_feature=judging.fid_feature, progress=progress, data_seed=task.seed)
 
 
-def _evaluate_cached(model, evaluators, forget, resolved: ResolvedRun, alternatives, progress: bool):
-    """The original model's evaluation, cached per (model, forget set, eval config, alternatives):
-    every erase run of the same model and concepts starts from the same 'before'."""
-    if evaluators is None:
+def _evaluate_cached(model, judging, task, resolved: ResolvedRun, alternatives, progress: bool):
+    """The original model's evaluation, cached per (model, forget set, eval config, evaluator,
+    concept set, alternatives): every erase run of the same model and concepts starts from the
+    same 'before'."""
+    if judging is None:
         return None
     from diffunlearn.config import config_hash
     from diffunlearn.data.tasks import cache_dir
     from diffunlearn.metrics.evaluate import Evaluation
 
-    key = config_hash({"model": resolved.model_hash, "forget": sorted(forget), "eval": resolved.eval.model_dump(),
+    key = config_hash({"model": resolved.model_hash, "forget": sorted(task.forget), "data_seed": task.seed,
+                       "eval": resolved.eval.model_dump(), "evaluator": judging.spec,
+                       "concepts": judging.concept_set.fingerprint(),
                        "alternatives": alternatives, "versions": resolved.versions})
     folder = cache_dir() / "evaluations" / key
     if (folder / "metrics.json").exists() and (folder / "images.npy").exists():
         try:
             return Evaluation.load(folder)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass  # a corrupt cache entry is recomputed
-    result = _evaluate(model, evaluators, forget, resolved, alternatives, None, progress)
+    result = _evaluate(model, judging, task, resolved, alternatives, None, progress)
     result.save(folder)
     return result

@@ -185,7 +185,8 @@ def resolve_erase(method: str | None, forget: list[str] | None = None, retain: l
         raise TaskError(f"{name} trains on retain images, and concept set {concept_set.name} has no retain concept "
                         "here: give --retain CONCEPTS")
     eval_cfg = build(EvalConfig, data.get("eval") or {}, "eval.")
-    check_evaluators(eval_cfg)
+    check_evaluators(eval_cfg, concept_set)
+    check_eval_prompts(eval_cfg, task.forget)
     return ResolvedRun(name, method_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir),
                        resolve_seed(data), concept_set)
 
@@ -213,11 +214,26 @@ def _has_retain(task: TaskConfig, concept_set: ConceptSet) -> bool:
     return bool(task.retain) or concept_set.combined
 
 
-def check_evaluators(eval_cfg: EvalConfig) -> None:
-    folder = Path(eval_cfg.evaluators) if eval_cfg.evaluators else ASSETS / "evaluators"
-    if eval_cfg.enabled and not (folder / "config.json").is_file():
-        raise ConfigError(f"no evaluator classifiers in {folder}; run `diffunlearn pretrain evaluators --install` "
-                          "or set eval.evaluators=DIR (or eval.enabled=false)")
+def check_evaluators(eval_cfg: EvalConfig, concept_set: ConceptSet) -> None:
+    """The evaluator, FID feature space and prompt file `eval` names are usable (torch-free):
+    one-line ConfigError for a missing folder, file or optional package, or a bad prompt CSV."""
+    from diffunlearn.metrics.evaluators.spec import check_evaluator, check_fid_features, effective_evaluator
+    from diffunlearn.metrics.prompts import read_prompt_csv
+
+    if not eval_cfg.enabled:
+        return
+    check_evaluator(effective_evaluator(eval_cfg, concept_set))
+    check_fid_features(eval_cfg.fid_features)
+    if eval_cfg.prompts:
+        read_prompt_csv(eval_cfg.prompts)
+
+
+def check_eval_prompts(eval_cfg: EvalConfig, forget: list[str]) -> None:
+    """`eval.prompts` rows each probe one forget concept (a `concept` column, or one forget concept)."""
+    if eval_cfg.enabled and eval_cfg.prompts:
+        from diffunlearn.metrics.prompts import assign_concepts, read_prompt_csv
+
+        assign_concepts(read_prompt_csv(eval_cfg.prompts), forget)
 
 
 def prepare_run_dir(out: Path, run_id: str, kind: str) -> str:
@@ -371,7 +387,8 @@ def resolve_attack(attack: str | None, model: str | Path | None = None, forget: 
     task = build(TaskConfig, task_data, "task.")
     concept_set = resolve_task_concepts(task, model_dir, meta)
     eval_cfg = build(EvalConfig, data.get("eval") or {}, "eval.")
-    check_evaluators(eval_cfg)
+    check_evaluators(eval_cfg, concept_set)
+    check_eval_prompts(eval_cfg, task.forget)
     alternatives = alternatives_of(meta, source_run)
     if alternatives is not None:
         alternatives = {c: list(a) for c, a in alternatives.items() if c in task.forget and a} or None
