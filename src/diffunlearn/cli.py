@@ -65,6 +65,15 @@ ForgetOpt = Annotated[str | None, typer.Option("--forget", "-f", help="Concept(s
 ModelOpt = Annotated[Path | None, typer.Option(
     "--model", "-m", help="Model folder (diffusers layout) or an erase run's directory; default: the shipped testbed.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (not part of the run id).")]
+ConceptsOpt = Annotated[str | None, typer.Option(
+    "--concepts", help="Concept set: a YAML file (see README 'Concept sets') or a built-in name (canvas); default: "
+                       "the shipped testbeds' canvas, else a free-text set of the --forget/--retain words.")]
+AnchorOpt = Annotated[str | None, typer.Option(
+    "--anchor", help="Text or concept the forget concepts are steered to (CORE, CA, SalUn, DiMUM, ...); default: "
+                     "the anchor scheme, else the empty prompt.")]
+DomainOpt = Annotated[str | None, typer.Option(
+    "--domain", help="Domain of free-text concepts, which picks their default prompts: concept (default), style, "
+                     "object, celebrity, nudity.")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(
     help="Overrides as dotted key=value, e.g. method.lr=1e-5 eval.images_per_prompt=4 task.anchor_scheme=next.",
     show_default=False)]
@@ -78,11 +87,16 @@ def erase(
     model: ModelOpt = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (method/task/eval/model).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory; default runs/<method>-<id>.")] = None,
+    concepts: ConceptsOpt = None,
+    anchor: AnchorOpt = None,
+    domain: DomainOpt = None,
     threads: ThreadsOpt = None,
     overrides: OverridesArg = None,
 ) -> None:
     """Erase concepts with a method, evaluate before and after, and write a run directory.
 
+    Concepts are words of a concept set: the canvas on the shipped testbeds (`diffunlearn ls concepts`),
+    any text on other models (`--forget "Van Gogh" --domain style`), or a YAML file (`--concepts FILE`).
     Precedence: method defaults < profile (paper | testbed) < --config YAML < flags and key=value.
     Rerunning a finished run is a no-op; an interrupted one resumes from its last checkpoint.
     """
@@ -90,7 +104,8 @@ def erase(
 
     result = guarded(lambda: api.erase(method, split_names(forget), split_names(retain), model, config,
                                        out, overrides or [], threads, progress=sys.stderr.isatty(),
-                                       notify=lambda line: typer.echo(line, err=True)))
+                                       notify=lambda line: typer.echo(line, err=True), concepts=concepts,
+                                       anchor=anchor, domain=domain))
     if not result.skipped:
         _print_summary(result.metrics, result.out)
 
@@ -110,6 +125,9 @@ def _attack_command(name: str, summary: str):
         erase_method: Annotated[str | None, typer.Option(
             "--erase", help="Chain: first erase --forget with this method (method.*/task.* overrides), then attack.")
                                 ] = None,
+        concepts: ConceptsOpt = None,
+        anchor: AnchorOpt = None,
+        domain: DomainOpt = None,
         threads: ThreadsOpt = None,
         overrides: OverridesArg = None,
     ) -> None:
@@ -117,14 +135,16 @@ def _attack_command(name: str, summary: str):
 
         notify = lambda line: typer.echo(line, err=True)  # noqa: E731
         progress = sys.stderr.isatty()
+        options = {"concepts": concepts, "anchor": anchor, "domain": domain}
         if erase_method:
             if out or original or config:
                 fail("--erase chains two runs in their default directories; drop --out/--original/--config")
             _, result = guarded(lambda: api.erase_then_attack(erase_method, name, split_names(forget) or [],
-                                                              model, overrides or [], threads, progress, notify))
+                                                              model, overrides or [], threads, progress, notify,
+                                                              **options))
         else:
             result = guarded(lambda: api.attack(name, model, split_names(forget), config, out, overrides or [],
-                                                threads, progress, original, notify))
+                                                threads, progress, original, notify, **options))
         if not result.skipped:
             _print_attack_summary(result.metrics, result.out)
 
@@ -158,30 +178,32 @@ def evaluate(
     model: ModelOpt = None,
     forget: ForgetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for evaluation.json.")] = None,
+    concepts: ConceptsOpt = None,
+    domain: DomainOpt = None,
     threads: ThreadsOpt = None,
     overrides: OverridesArg = None,
 ) -> None:
-    """Evaluate a model on forget concepts: UA, IRA, CRA, AR, FID/KID, with confidence intervals."""
+    """Evaluate a model on forget concepts: UA, IRA, CRA, AR, FID/KID, with confidence intervals
+    (eval.evaluator chooses the judge: canvas, clip:PATH, nudenet, classifier:PATH)."""
     from diffunlearn import api
 
     metrics = guarded(lambda: api.evaluate(model, split_names(forget), out, overrides or [], threads,
-                                           progress=sys.stderr.isatty()))
+                                           progress=sys.stderr.isatty(), concepts=concepts, domain=domain))
     _print_summary(metrics, out)
 
 
 @app.command("ls")
-def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | metrics | evaluators")]) -> None:
-    """List the registered methods, the attacks and their options, the testbed's concepts, the metrics, or the
-    evaluators (`eval.evaluator=NAME[:PATH]`)."""
-    from diffunlearn.data import canvas
+def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | metrics | evaluators")],
+       concepts: ConceptsOpt = None) -> None:
+    """List the registered methods, the attacks and their options, a concept set's concepts (the canvas,
+    or --concepts FILE), the metrics, or the evaluators (`eval.evaluator=NAME[:PATH]`)."""
     from diffunlearn.methods import methods
 
     if what == "methods":
         for name in methods.names():
             typer.echo(f"{name:14s} {methods.help(name)}")
     elif what == "concepts":
-        typer.echo("style:  " + " ".join(canvas.STYLES) + f"   (neutral: {canvas.NEUTRAL_STYLE})")
-        typer.echo("object: " + " ".join(canvas.OBJECTS) + f"   (neutral: {canvas.NEUTRAL_OBJECT})")
+        _list_concepts(concepts)
     elif what == "attacks":
         from diffunlearn.attacks import attacks
 
@@ -280,6 +302,18 @@ def pretrain_evaluators(
     if install:
         install_assets(None, out / "evaluators", ASSETS)
     typer.echo(f"evaluators written to {out / 'evaluators'}: {figures}")
+
+
+def _list_concepts(name_or_file: str | None) -> None:
+    from diffunlearn.data.concepts import resolve_concept_set
+
+    cset = guarded(lambda: resolve_concept_set(name_or_file, [], None, "testbed" if not name_or_file else None))
+    typer.echo(f"concept set {cset.name} ({cset.source}; images: {cset.images.source})")
+    for domain in cset.domains.values():
+        neutral = f"   (neutral: {domain.neutral.name})" if domain.neutral else ""
+        typer.echo(f"{domain.name + ':':8s}" + ", ".join(domain.erasable) + neutral)
+    if not name_or_file:
+        typer.echo("other models: any words, e.g. --forget \"Van Gogh\" --domain style, or --concepts FILE.yaml")
 
 
 def _print_summary(metrics: dict, out: Path | None) -> None:

@@ -393,7 +393,9 @@ def resolve_concept_set(concepts: str | None, forget: list[str], retain: list[st
     elif model_kind in ("testbed", "testbed-sd"):
         canvas_set = ConceptSet.builtin("canvas")
         bad = next(n for n in [*forget, *(retain or [])] if n not in canvas_set)
-        raise canvas_set.unknown(bad)  # the shipped testbeds only know the canvas
+        error = canvas_set.unknown(bad)  # the shipped testbeds only know the canvas
+        raise ConceptSetError(f"{error} (the shipped testbed knows only these; free-text concepts need --model "
+                              "PATH of a Stable Diffusion folder)")
     else:
         cset = ConceptSet.free_text(forget, retain, domain or "concept", anchor)
     if anchor is not None and cset.source != "free-text":

@@ -25,21 +25,23 @@ from diffunlearn.runs.common import (
     write_json,
 )
 from diffunlearn.runs.erase import erase
-from diffunlearn.runs.resolve import write_config, write_run_marker
+from diffunlearn.runs.resolve import task_flags, write_config, write_run_marker
 
 
 def attack(name: str | None, model: str | Path | None = None, forget: list[str] | None = None,
            config: str | Path | None = None, out: str | Path | None = None, overrides: list[str] | None = None,
            threads: int | None = None, progress: bool = True, original: str | Path | None = None,
-           notify: Callable[[str], None] | None = None) -> Run:
+           notify: Callable[[str], None] | None = None, concepts: str | None = None, anchor: str | None = None,
+           domain: str | None = None) -> Run:
     """Attack a model (an erase run's directory, the original model or a retrain, the latter two
     with `forget`) with `name` (`relearn` or `resurgence`): build the attack data, fine-tune,
     evaluate every `attack.eval_every` steps, and write the attack's run directory (default:
     inside the attacked run, `attacks/<name>-<id>`). Finished runs are skipped; interrupted
-    ones resume."""
+    ones resume. `concepts`, `anchor`, `domain`: as for `erase` (default: the attacked run's)."""
     from diffunlearn.runs.resolve import resolve_attack
 
-    resolved = resolve_attack(name, model, forget, config, overrides, original)
+    resolved = resolve_attack(name, model, forget, config, overrides, original,
+                              task_flags(concepts=concepts, anchor=anchor, domain=domain))
     label = f"attack {resolved.run_id} ({resolved.attack} on {resolved.model_dir})"
     return run_or_skip(resolved, out, "attack", label, notify, lambda out_dir: _execute_attack(
         resolved, out_dir, threads, progress))
@@ -47,14 +49,15 @@ def attack(name: str | None, model: str | Path | None = None, forget: list[str] 
 
 def erase_then_attack(method: str, attack_name: str, forget: list[str], model: str | Path | None = None,
                       overrides: list[str] | None = None, threads: int | None = None, progress: bool = True,
-                      notify: Callable[[str], None] | None = None) -> tuple[Run, Run]:
+                      notify: Callable[[str], None] | None = None, concepts: str | None = None,
+                      anchor: str | None = None, domain: str | None = None) -> tuple[Run, Run]:
     """The chain erase -> attack -> evaluate: `method.*` / `task.*` overrides go to the erase run,
     `attack.*` to the attack, `eval.*` to both; each run lands in its default directory."""
     overrides = overrides or []
     erase_overrides = [o for o in overrides if not o.startswith("attack.")]
     attack_overrides = [o for o in overrides if o.startswith(("attack.", "eval."))]
     erased = erase(method, forget, model=model, overrides=erase_overrides, threads=threads, progress=progress,
-                   notify=notify)
+                   notify=notify, concepts=concepts, anchor=anchor, domain=domain)
     attacked = attack(attack_name, erased.out, overrides=attack_overrides, threads=threads, progress=progress,
                       notify=notify)
     return erased, attacked

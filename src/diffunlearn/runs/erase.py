@@ -25,17 +25,20 @@ from diffunlearn.runs.common import (
     save_samples,
     write_json,
 )
-from diffunlearn.runs.resolve import ResolvedRun, resolve_erase, write_config, write_run_marker
+from diffunlearn.runs.resolve import ResolvedRun, resolve_erase, task_flags, write_config, write_run_marker
 
 
 def erase(method: str | None, forget: list[str] | None = None, retain: list[str] | None = None,
           model: str | Path | None = None, config: str | Path | None = None, out: str | Path | None = None,
           overrides: list[str] | None = None, threads: int | None = None, progress: bool = True,
-          notify: Callable[[str], None] | None = None) -> Run:
+          notify: Callable[[str], None] | None = None, concepts: str | None = None, anchor: str | None = None,
+          domain: str | None = None) -> Run:
     """Erase `forget` from `model` (default: the shipped testbed) with `method`, evaluate before
     and after, and write the run directory. Finished runs are skipped; interrupted ones resume.
-    `notify` receives one line saying which of the three happens."""
-    resolved = resolve_erase(method, forget, retain, model, config, overrides)
+    `notify` receives one line saying which of the three happens. `concepts` (a concept-set file
+    or built-in name), `anchor` and `domain` set `task.concepts`, `task.anchor`, `task.domain`."""
+    resolved = resolve_erase(method, forget, retain, model, config, overrides,
+                             task_flags(concepts=concepts, anchor=anchor, domain=domain))
     label = f"run {resolved.run_id} ({resolved.method}, profile {resolved.profile})"
     return run_or_skip(resolved, out, "erase", label, notify, lambda out_dir: _execute_erase(
         resolved, out_dir, threads, progress))

@@ -10,11 +10,18 @@ from diffunlearn.runs.common import load_judging, write_json
 
 def evaluate(model: str | Path | None = None, forget: list[str] | None = None, out: str | Path | None = None,
              overrides: list[str] | None = None, threads: int | None = None, progress: bool = True,
-             ) -> dict[str, Any]:
-    """Evaluate a model (a model folder or an erase run's model/) on the forget concepts."""
+             concepts: str | None = None, domain: str | None = None) -> dict[str, Any]:
+    """Evaluate a model (a model folder or an erase run's model/) on the forget concepts of a
+    concept set (`concepts`: a file or built-in name; default as for `erase`)."""
     from diffunlearn.backends.model_dir import check_model_dir
     from diffunlearn.config import ConfigError, EvalConfig, TaskConfig, apply_overrides, build
-    from diffunlearn.runs.resolve import check_eval_prompts, check_evaluators, model_folder, resolve_task_concepts
+    from diffunlearn.runs.resolve import (
+        check_eval_prompts,
+        check_evaluators,
+        model_folder,
+        resolve_task_concepts,
+        task_flags,
+    )
 
     model_dir = model_folder(model)
 
@@ -24,7 +31,8 @@ def evaluate(model: str | Path | None = None, forget: list[str] | None = None, o
     unknown = sorted(set(sections) - {"eval", "task"})
     if unknown:
         raise ConfigError(f"unknown config key '{unknown[0]}'; evaluate takes eval.* and task.* overrides")
-    task_cfg = build(TaskConfig, {**(sections.get("task") or {}), "forget": forget}, "task.")
+    task_data = {**(sections.get("task") or {}), **task_flags(concepts=concepts, domain=domain), "forget": forget}
+    task_cfg = build(TaskConfig, task_data, "task.")
     concept_set = resolve_task_concepts(task_cfg, model_dir, meta)
     eval_cfg = build(EvalConfig, sections.get("eval") or {}, "eval.")
     check_evaluators(eval_cfg, concept_set)

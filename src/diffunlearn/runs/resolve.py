@@ -157,9 +157,15 @@ def resolve_seed(data: dict[str, Any]) -> int:
     return seed
 
 
+def task_flags(**values: str | None) -> dict[str, str]:
+    """The `task` settings given as command-line flags (--concepts, --anchor, --domain): given
+    ones only, kept apart from key=value parsing so free text is never read as YAML."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def resolve_erase(method: str | None, forget: list[str] | None = None, retain: list[str] | None = None,
                   model: str | Path | None = None, config_file: str | Path | None = None,
-                  overrides: list[str] | None = None) -> ResolvedRun:
+                  overrides: list[str] | None = None, task_options: dict[str, str] | None = None) -> ResolvedRun:
     """Validate and resolve an erase run; raises ConfigError / TaskError / ModelDirError /
     UnknownNameError with a one-line message. Imports no torch."""
     from diffunlearn.methods import methods
@@ -170,6 +176,8 @@ def resolve_erase(method: str | None, forget: list[str] | None = None, retain: l
         flags.setdefault("task", {})["forget"] = list(forget)
     if retain is not None:
         flags.setdefault("task", {})["retain"] = list(retain)
+    if task_options:
+        flags.setdefault("task", {}).update(task_options)
     if model:
         flags["model"] = str(model)
     data = apply_overrides(deep_merge(data, flags), overrides or [])
@@ -351,7 +359,7 @@ def alternatives_of(meta: dict, source_run: Path | None) -> dict[str, list[str]]
 
 def resolve_attack(attack: str | None, model: str | Path | None = None, forget: list[str] | None = None,
                    config_file: str | Path | None = None, overrides: list[str] | None = None,
-                   original: str | Path | None = None) -> ResolvedAttack:
+                   original: str | Path | None = None, task_options: dict[str, str] | None = None) -> ResolvedAttack:
     """Validate and resolve an attack run (torch-free). The task (forget and retain concepts,
     D_r) defaults to the attacked run's own; `forget` names the concepts for a model that is
     not an erase run (the original model or a retrain, as controls)."""
@@ -374,7 +382,7 @@ def resolve_attack(attack: str | None, model: str | Path | None = None, forget: 
     profile, attack_config = profiled_config(attacks.get(name), attack_data, model_dir, meta, "attack.")
 
     task_data = _source_task(source_run)
-    task_data = deep_merge(task_data, data.get("task") or {})
+    task_data = deep_merge(task_data, {**(data.get("task") or {}), **(task_options or {})})
     if forget:
         task_data["forget"] = list(forget)
         if not (data.get("task") or {}).get("retain"):
