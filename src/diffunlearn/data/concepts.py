@@ -253,9 +253,8 @@ class ConceptSet:
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         neutral = " (neutral concepts are never erased)" if name in self else ""
-        shown = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "")
-        return ConceptSetError(f"unknown concept '{_clip(name)}'{hint}{neutral} in concept set {self.name}; "
-                               f"valid concepts: {shown}")
+        return ConceptSetError(f"unknown concept '{_clip(name, 40)}'{hint}{neutral}; valid concepts "
+                               f"({_clip(self.name, 20)}): {_clip(', '.join(valid), 190)}")
 
     def validate(self, forget: list[str], retain: list[str] | None) -> None:
         """One-line ConceptSetError for an empty forget list, an unknown or neutral name, overlaps."""
@@ -393,9 +392,11 @@ def resolve_concept_set(concepts: str | None, forget: list[str], retain: list[st
     elif model_kind in ("testbed", "testbed-sd"):
         canvas_set = ConceptSet.builtin("canvas")
         bad = next(n for n in [*forget, *(retain or [])] if n not in canvas_set)
-        error = canvas_set.unknown(bad)  # the shipped testbeds only know the canvas
-        raise ConceptSetError(f"{error} (the shipped testbed knows only these; free-text concepts need --model "
-                              "PATH of a Stable Diffusion folder)")
+        close = difflib.get_close_matches(bad, canvas_set.erasable(), n=1)
+        if close or bad in canvas_set:
+            raise canvas_set.unknown(bad)
+        raise ConceptSetError(f"unknown concept '{_clip(bad, 40)}': the shipped testbeds know only the canvas "
+                              "(`diffunlearn ls concepts`); free text needs --model PATH (a Stable Diffusion folder)")
     else:
         cset = ConceptSet.free_text(forget, retain, domain or "concept", anchor)
     if anchor is not None and cset.source != "free-text":
