@@ -382,6 +382,7 @@ CASES = [
     Case("attack-threads-negative", [*A, "--threads", "-1"], "--threads"),
     Case("attack-out-other-run", [*A, "--out", "{w}/out"], "different run", out_with_marker("complete")),
     Case("attack-lr-inf", [*A, "attack.lr=inf"], "finite"),
+    Case("attack-out-locked", [*A, "--out", "{w}/out"], "in use by pid 4242", locked_out),
     # demo
     Case("demo-out-not-empty", ["demo", "--out", "{w}/d"], "holds no demo", write("d/notes.txt", "mine")),
     Case("demo-threads-zero", ["demo", "--out", "{w}/d", "--threads", "0"], "--threads"),

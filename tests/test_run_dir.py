@@ -237,7 +237,7 @@ def test_divergence_stops_the_run(tiny_model_dir, tmp_path, monkeypatch, one_thr
 
 # ---- kill -9 and resume ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("point", ["before-marker", "step-5"])
+@pytest.mark.parametrize("point", ["step-5", pytest.param("before-marker", marks=pytest.mark.slow)])
 def test_killed_run_resumes_to_identical_weights(tiny_model_dir, tmp_path, reference, point):
     out = tmp_path / "out"
     proc = start(tiny_model_dir, out, point)
@@ -260,14 +260,20 @@ NAMED_POINTS = ["before-lock", "before-marker", "before-config", "step-0", "step
 @pytest.mark.slow
 def test_kill_at_random_points_then_rerun(tiny_model_dir, tmp_path, reference):
     """20 runs killed with SIGKILL: at each named point from before run.json to the final save,
-    then at random moments of a slowed run; every rerun finishes with the reference weights."""
+    then at random moments of a slowed run between claiming its directory and its end; every
+    rerun finishes with the reference weights."""
     rng = random.Random(0)
     t0 = time.time()
-    full = start(tiny_model_dir, tmp_path / "timing", delay=0.1)
+    timing = tmp_path / "timing"
+    full = start(tiny_model_dir, timing, delay=0.3)
+    while full.poll() is None and not (timing / "run.json").exists():
+        time.sleep(0.01)
+    claimed = time.time() - t0
     full.communicate(timeout=300)
     assert full.returncode == 0
     duration = time.time() - t0
     trials = NAMED_POINTS + [None] * (20 - len(NAMED_POINTS))
+    phases = []
     for i, point in enumerate(trials):
         out = tmp_path / f"trial{i}"
         if point is not None:
@@ -275,10 +281,26 @@ def test_kill_at_random_points_then_rerun(tiny_model_dir, tmp_path, reference):
             proc.communicate(timeout=300)
             assert proc.returncode == -9, point
         else:
-            proc = start(tiny_model_dir, out, delay=0.1)
-            time.sleep(rng.uniform(0.0, duration))
+            proc = start(tiny_model_dir, out, delay=0.3)
+            while proc.poll() is None and not (out / "run.json").exists():
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 1.1 * (duration - claimed)))  # from claiming to just past the end
             proc.kill()
             proc.communicate(timeout=300)
+        phases.append(_phase(out))
         run = erase_in_process(tiny_model_dir, out)
         assert run.out == out
         assert_finished_like(out, reference)
+    print("killed in phases:", phases)
+
+
+def _phase(out: Path) -> str:
+    """Where a killed run was: nothing yet, only its lock, running (last checkpoint), complete."""
+    if not out.exists():
+        return "not created"
+    if not (out / "run.json").exists():
+        return "created, no run.json"
+    status = json.loads((out / "run.json").read_text())["status"]
+    pointer = out / "checkpoint" / "ckpt.json"
+    step = json.loads(pointer.read_text())["step"] if pointer.exists() else 0
+    return f"{status} (checkpoint {step})" + (", model saved" if (out / UNET).exists() else "")

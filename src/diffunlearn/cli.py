@@ -123,12 +123,13 @@ PickleOpt = Annotated[bool, typer.Option(
     "--allow-pickle", help="Load model weights given only as pickles (.bin) with torch.load(weights_only=True); "
                            "refused otherwise (same as model.allow_pickle=true).")]
 
-
-def with_pickle(overrides: list[str] | None, allow_pickle: bool) -> list[str]:
-    return [*(overrides or []), *(["model.allow_pickle=true"] if allow_pickle else [])]
 OverridesArg = Annotated[list[str] | None, typer.Argument(
     help="Overrides as dotted key=value, e.g. method.lr=1e-5 eval.images_per_prompt=4 task.anchor_scheme=next.",
     show_default=False)]
+
+
+def with_pickle(overrides: list[str] | None, allow_pickle: bool) -> list[str]:
+    return [*(overrides or []), *(["model.allow_pickle=true"] if allow_pickle else [])]
 
 
 @app.command()

@@ -122,7 +122,11 @@ def inspect_run_dir(out: Path, run_id: str, kind: str, probe_lock: bool = True) 
         raise RunDirError(busy_message(out, holder))
     marker = out / MARKER
     if not marker.exists():
-        if any(not is_scaffolding(p.name) for p in out.iterdir()):
+        try:
+            names = [p.name for p in out.iterdir()]
+        except OSError as err:
+            raise RunDirError(f"cannot read output directory {shown(str(out), 120)}: {err.strerror}") from None
+        if any(not is_scaffolding(name) for name in names):
             raise RunDirError(f"output directory {shown(str(out), 120)} is not empty and holds no diffunlearn run; "
                               "choose another --out")
         return "new"
