@@ -1,9 +1,12 @@
-"""Resolving a run's configuration and its directory, all before torch is imported.
+"""Resolving and validating a run's configuration, all before torch is imported and before
+anything is written (the run directory's life is in runs/common.py).
 
 Precedence: the method's built-in defaults < its profile (`paper` or `testbed`) < the YAML
-file < command-line flags and `key=value` overrides. The run id hashes the resolved
-config, the model's content hash and the package versions (not the output path or thread
-count), so a finished run is recognised and an interrupted one resumes.
+file < command-line flags and `key=value` overrides. Every key given takes effect or is an
+error; a user's `steps` replaces a profile's `epochs`. The run id hashes the resolved
+config, the model's content hash and the package versions (not the output path, thread
+count or whether pickles may be read), so a finished run is recognised and an interrupted
+one resumes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from diffunlearn.config import (
     check_keys,
     config_hash,
     deep_merge,
+    did_you_mean,
     load_yaml,
     shown,
 )
@@ -38,8 +42,6 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TESTBED_DIR = ASSETS / "testbed"
 PROFILES = ("paper", "testbed")
 TOP_LEVEL_KEYS = ("method", "task", "eval", "model", "seed")
-
-
 MAX_THREADS = 1024
 
 
@@ -208,8 +210,6 @@ def profiled_config(component, section: dict[str, Any], model_dir: Path, meta: d
     section = dict(section)
     profile = section.pop("profile", None) or ("testbed" if is_testbed(model_dir, meta) else "paper")
     if not isinstance(profile, str) or profile not in PROFILES:
-        from diffunlearn.config import did_you_mean
-
         hint = did_you_mean(profile, list(PROFILES)) if isinstance(profile, str) else ""
         raise ConfigError(f"unknown profile '{shown(str(profile))}'{hint}; valid profiles: {', '.join(PROFILES)}")
     defaults = dict(component.profiles.get(profile, {}))
