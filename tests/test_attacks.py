@@ -173,6 +173,7 @@ def test_erase_then_attack_end_to_end(tiny_model_dir, tiny_evaluator_dir, tmp_pa
     for name in ("config.yaml", "run.json", "metrics.json", "curves.csv", "attack_curve.csv", "data.json",
                  "samples.png", "model/diffunlearn.json"):
         assert (out / name).exists(), name
+    assert not (out / "checkpoint").exists()  # removed once the final model is written
     metrics = json.loads((out / "metrics.json").read_text())
     assert [row["step"] for row in metrics["curve"]] == [0, 2, 4]
     summary = metrics["summary"]

@@ -1,7 +1,9 @@
 """The `diffunlearn` command line: a thin layer over the Python API (api.py, runs/).
 
-Input is validated before torch is imported; an error a user can cause prints one line on
-stderr and exits with status 2, having written nothing.
+Input is validated before torch is imported; an error a user can cause (including a usage
+error such as an unknown option) prints one line of at most MAX_ERROR_CHARS characters on
+stderr and exits with status 2, having written nothing. Exit statuses: 0 done (or already
+done), 2 bad input, 3 training diverged (the run is marked `diverged`), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,19 +11,64 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 ships its own copy of click; older ones use click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
 
 from diffunlearn.backends.model_dir import ModelDirError
 from diffunlearn.config import ConfigError
 from diffunlearn.data.tasks import TaskError
+from diffunlearn.engine.errors import CheckpointError, TrainingDiverged
 from diffunlearn.registry import UnknownNameError
-from diffunlearn.runs.resolve import RunDirError
+from diffunlearn.runs.resolve import RunDirError, check_threads
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+MAX_ERROR_CHARS = 280  # the whole line, "error: " included
+
+
+class OneLineErrors(TyperGroup):
+    """Click's usage errors (unknown option, missing argument, bad --threads) as one line and
+    exit status 2, like every other user error, instead of a usage block and a framed panel."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.NoArgsIsHelpError as err:
+            if not standalone_mode:
+                raise
+            err.show()  # the help text, as click shows it
+            sys.exit(err.exit_code)
+        except click_exceptions.ClickException as err:
+            if not standalone_mode:
+                raise
+            hint = f"; see `{err.ctx.command_path} --help`" if getattr(err, "ctx", None) else ""
+            typer.echo(one_line(f"error: {err.format_message().rstrip('.')}", len(hint)) + hint, err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except click_exceptions.Abort:
+            if not standalone_mode:
+                raise
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)  # click returns an Exit's code in this mode
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Erase concepts from text-to-image diffusion models, measure what was erased and kept, "
-         "and attack the result to see whether it lasts.",
+         "and attack the result to see whether it lasts. Exit status: 0 done (or already done); 2 bad input "
+         "(one line on stderr, nothing written); 3 training diverged (NaN/inf; run.json says 'diverged', the "
+         "last good checkpoint is kept); 130 interrupted (rerun the same command to resume).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 pretrain_app = typer.Typer(help="Train the shipped testbed (model or evaluator classifiers).", no_args_is_help=True)
@@ -30,29 +77,35 @@ attack_app = typer.Typer(help="Attack an unlearned model and watch whether the e
                               "(see `diffunlearn ls attacks`).", no_args_is_help=True)
 app.add_typer(attack_app, name="attack")
 
-USER_ERRORS = (ConfigError, TaskError, ModelDirError, UnknownNameError, RunDirError, FileNotFoundError)
-# CheckpointError (engine/checkpoint.py) imports torch, so it is matched by name in guarded().
+USER_ERRORS = (ConfigError, TaskError, ModelDirError, UnknownNameError, RunDirError, CheckpointError,
+               FileNotFoundError)
 T = TypeVar("T")
 
 
-def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+def one_line(message: str, reserve: int = 0) -> str:
+    """`message` on one line, cut to MAX_ERROR_CHARS (less `reserve`): an error never floods a terminal."""
+    text = " ".join(str(message).split())
+    limit = MAX_ERROR_CHARS - reserve
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fail(message: str, status: int = EXIT_BAD_INPUT) -> None:
+    typer.echo(one_line(f"error: {message}"), err=True)
+    raise typer.Exit(status)
 
 
 def guarded(fn: Callable[[], T]) -> T:
-    """Run `fn`, turning errors a user can cause into one line and exit status 2."""
+    """Run `fn`, turning errors a user can cause into one line and exit status 2, a diverged
+    run into one line and status 3."""
     try:
         return fn()
     except USER_ERRORS as err:
         fail(str(err))
-    except ValueError as err:
-        if type(err).__name__ != "CheckpointError":
-            raise
-        fail(str(err))
+    except TrainingDiverged as err:
+        fail(str(err), EXIT_DIVERGED)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def split_names(value: str | None) -> list[str] | None:
@@ -64,7 +117,8 @@ def split_names(value: str | None) -> list[str] | None:
 ForgetOpt = Annotated[str | None, typer.Option("--forget", "-f", help="Concept(s) to erase, comma-separated.")]
 ModelOpt = Annotated[Path | None, typer.Option(
     "--model", "-m", help="Model folder (diffusers layout) or an erase run's directory; default: the shipped testbed.")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (not part of the run id).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads, at least 1 (not part of the "
+                                                                  "run id).")]
 ConceptsOpt = Annotated[str | None, typer.Option(
     "--concepts", help="Concept set: a YAML file (see README 'Concept sets') or a built-in name (canvas); default: "
                        "the shipped testbeds' canvas, else a free-text set of the --forget/--retain words.")]
@@ -74,9 +128,17 @@ AnchorOpt = Annotated[str | None, typer.Option(
 DomainOpt = Annotated[str | None, typer.Option(
     "--domain", help="Domain of free-text concepts, which picks their default prompts: concept (default), style, "
                      "object, celebrity, nudity.")]
+PickleOpt = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Load model weights given only as pickles (.bin) with torch.load(weights_only=True); "
+                           "refused otherwise (same as model.allow_pickle=true).")]
+
 OverridesArg = Annotated[list[str] | None, typer.Argument(
     help="Overrides as dotted key=value, e.g. method.lr=1e-5 eval.images_per_prompt=4 task.anchor_scheme=next.",
     show_default=False)]
+
+
+def with_pickle(overrides: list[str] | None, allow_pickle: bool) -> list[str]:
+    return [*(overrides or []), *(["model.allow_pickle=true"] if allow_pickle else [])]
 
 
 @app.command()
@@ -91,6 +153,7 @@ def erase(
     anchor: AnchorOpt = None,
     domain: DomainOpt = None,
     threads: ThreadsOpt = None,
+    allow_pickle: PickleOpt = False,
     overrides: OverridesArg = None,
 ) -> None:
     """Erase concepts with a method, evaluate before and after, and write a run directory.
@@ -99,13 +162,14 @@ def erase(
     any text on other models (`--forget "Van Gogh" --domain style`), or a YAML file (`--concepts FILE`).
     Precedence: method defaults < profile (paper | testbed) < --config YAML < flags and key=value.
     Rerunning a finished run is a no-op; an interrupted one resumes from its last checkpoint.
+    The run directory is locked while a command works in it; a second command on it exits 2.
     """
     from diffunlearn import api
 
     result = guarded(lambda: api.erase(method, split_names(forget), split_names(retain), model, config,
-                                       out, overrides or [], threads, progress=sys.stderr.isatty(),
-                                       notify=lambda line: typer.echo(line, err=True), concepts=concepts,
-                                       anchor=anchor, domain=domain))
+                                       out, with_pickle(overrides, allow_pickle), threads,
+                                       progress=sys.stderr.isatty(), notify=lambda line: typer.echo(line, err=True),
+                                       concepts=concepts, anchor=anchor, domain=domain))
     if not result.skipped:
         _print_summary(result.metrics, result.out)
 
@@ -129,12 +193,14 @@ def _attack_command(name: str, summary: str):
         anchor: AnchorOpt = None,
         domain: DomainOpt = None,
         threads: ThreadsOpt = None,
+        allow_pickle: PickleOpt = False,
         overrides: OverridesArg = None,
     ) -> None:
         from diffunlearn import api
 
         notify = lambda line: typer.echo(line, err=True)  # noqa: E731
         progress = sys.stderr.isatty()
+        overrides = with_pickle(overrides, allow_pickle)
         options = {"concepts": concepts, "anchor": anchor, "domain": domain}
         if erase_method:
             if out or original or config:
@@ -181,14 +247,18 @@ def evaluate(
     concepts: ConceptsOpt = None,
     domain: DomainOpt = None,
     threads: ThreadsOpt = None,
+    allow_pickle: PickleOpt = False,
     overrides: OverridesArg = None,
 ) -> None:
     """Evaluate a model on forget concepts: UA, IRA, CRA, AR, FID/KID, with confidence intervals
-    (eval.evaluator chooses the judge: canvas, clip:PATH, nudenet, classifier:PATH)."""
+    (eval.evaluator chooses the judge: canvas, clip:PATH, nudenet, classifier:PATH).
+
+    Overrides: eval.<key>=value only."""
     from diffunlearn import api
 
     metrics = guarded(lambda: api.evaluate(model, split_names(forget), out, overrides or [], threads,
-                                           progress=sys.stderr.isatty(), concepts=concepts, domain=domain))
+                                           progress=sys.stderr.isatty(), allow_pickle=allow_pickle,
+                                           concepts=concepts, domain=domain))
     _print_summary(metrics, out)
 
 
@@ -271,12 +341,13 @@ def pretrain_model(
     """Train the testbed text-to-image model (UNet + text encoder) from the committed recipe."""
     from diffunlearn.config import PretrainModelConfig
 
+    guarded(lambda: check_threads(threads))
     cfg = load_recipe(PretrainModelConfig, "pretrain-model.yaml", config, overrides)
     from diffunlearn.pretrain import install_assets
     from diffunlearn.pretrain import pretrain_model as train
     from diffunlearn.runs.resolve import ASSETS
 
-    train(cfg, out, threads, progress=sys.stderr.isatty())
+    guarded(lambda: train(cfg, out, threads, progress=sys.stderr.isatty()))
     if install:
         install_assets(out / "model", None, ASSETS)
     typer.echo(f"model written to {out / 'model'}")
@@ -293,12 +364,13 @@ def pretrain_evaluators(
     """Train the style and object evaluator classifiers on real canvas images."""
     from diffunlearn.config import PretrainEvaluatorConfig
 
+    guarded(lambda: check_threads(threads))
     cfg = load_recipe(PretrainEvaluatorConfig, "pretrain-evaluators.yaml", config, overrides)
     from diffunlearn.pretrain import install_assets
     from diffunlearn.pretrain import pretrain_evaluators as train
     from diffunlearn.runs.resolve import ASSETS
 
-    _, figures = train(cfg, out, threads, progress=sys.stderr.isatty())
+    _, figures = guarded(lambda: train(cfg, out, threads, progress=sys.stderr.isatty()))
     if install:
         install_assets(None, out / "evaluators", ASSETS)
     typer.echo(f"evaluators written to {out / 'evaluators'}: {figures}")

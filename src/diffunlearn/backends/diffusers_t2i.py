@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.func import functional_call
 
@@ -21,9 +23,12 @@ from diffunlearn.backends.model_dir import (
     META_FILE,
     UNET_WEIGHTS,
     ModelDirError,
+    base_path_of,
     check_model_dir,
+    component_weights,
     model_content_hash,
 )
+from diffunlearn.io import atomic_write_text
 from diffunlearn.registry import UnknownNameError
 
 # diffusers and transformers are imported lazily inside functions: importing them costs
@@ -192,33 +197,49 @@ class T2IModel:
         return self
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> T2IModel:
-        """Load a local model folder or an erase run's model folder; never downloads."""
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", allow_pickle: bool = False) -> T2IModel:
+        """Load a local model folder or an erase run's model folder; never downloads. Pickle
+        weights (`.bin`) are refused unless `allow_pickle`, and then read with
+        torch.load(weights_only=True). Any failure to load is a one-line ModelDirError."""
+        path = Path(path)
+        meta = check_model_dir(path, allow_pickle)
+        try:
+            return cls._load(path, meta, device, allow_pickle)
+        except ModelDirError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, OverflowError, AttributeError,
+                pickle.UnpicklingError, SafetensorError) as err:
+            raise ModelDirError(f"cannot load model folder {path}: {_one_line(err)}") from None
+
+    @classmethod
+    def _load(cls, path: Path, meta: dict, device: str, allow_pickle: bool) -> T2IModel:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from safetensors.torch import load_file
         from transformers import CLIPTextModel
 
-        path = Path(path)
-        meta = check_model_dir(path)
         _quiet_hub_progress()
         if meta.get("base"):
-            base_path = Path(meta["base"]["path"])
-            base_path = base_path if base_path.is_absolute() else (path / base_path).resolve()
-            model = cls.from_pretrained(base_path, device)
+            base_path = base_path_of(path, meta)
+            model = cls.from_pretrained(base_path, device, allow_pickle)
             if model.content_hash() != meta["base"]["hash"]:
                 raise ModelDirError(f"{path} was trained from a base model with hash {meta['base']['hash']}, "
                                     f"but {base_path} now has hash {model.content_hash()}")
             changed = load_file(str(path / UNET_WEIGHTS), device=str(model.device))
-            missing = set(changed) - set(dict(model.unet.named_parameters()))
+            own = dict(model.unet.named_parameters())
+            missing = set(changed) - set(own)
             if missing:
-                raise ValueError(f"{path}: weights not in the base model: {sorted(missing)[:3]}")
+                raise ModelDirError(f"{path}: weights not in the base model: {sorted(missing)[:3]}")
+            wrong = [n for n, t in changed.items() if t.shape != own[n].shape]
+            if wrong:
+                raise ModelDirError(f"{path}: weight {wrong[0]} has shape {list(changed[wrong[0]].shape)}, the base "
+                                    f"model's {list(own[wrong[0]].shape)}")
             model.unet.load_state_dict(changed, strict=False)
             model.meta.update({k: v for k, v in meta.items() if k not in ("base",)})
             model.meta["base"] = meta["base"]
             model.path, model._hash = path, None
             return model
-        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True)
+        unet = _load_component(UNet2DConditionModel, path, "unet", allow_pickle)
+        text_encoder = _load_component(CLIPTextModel, path, "text_encoder", allow_pickle)
         scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"), local_files_only=True)
         if (path / "tokenizer" / "tokenizer_config.json").exists() and json.loads(
             (path / "tokenizer" / "tokenizer_config.json").read_text()).get("kind") == "word-level":
@@ -229,7 +250,7 @@ class T2IModel:
         if (path / "vae").exists():
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(str(path / "vae"), local_files_only=True)
+            vae = _load_component(AutoencoderKL, path, "vae", allow_pickle)
         meta = meta or {"kind": "diffusers", "guidance_scale": 7.5, "sample_steps": 50, "latent": vae is not None}
         model = cls(unet.eval(), text_encoder, tokenizer, scheduler, vae=vae, meta=meta, device=device)
         model.path = path
@@ -283,11 +304,11 @@ class T2IModel:
                 _drop_load_path(path / sub / "config.json")
             meta.pop("base", None)
             meta.pop("changed_params", None)
-        (path / "model_index.json").write_text(json.dumps(
+        atomic_write_text(path / "model_index.json", json.dumps(
             {"_class_name": "DiffunlearnT2I", "_diffusers_version": _diffusers_version(),
              "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
              "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
-        (path / META_FILE).write_text(json.dumps(meta, indent=2))
+        atomic_write_text(path / META_FILE, json.dumps(meta, indent=2))  # written last: it makes the folder a model
 
     def content_hash(self) -> str:
         if self._hash is None:
@@ -545,6 +566,38 @@ class T2IModel:
 def _lora_delta(module: nn.Module, adapter: str) -> torch.Tensor:
     """dW = scaling * B @ A of one peft LoRA layer's adapter."""
     return module.scaling[adapter] * module.lora_B[adapter].weight @ module.lora_A[adapter].weight
+
+
+def _load_component(model_cls, path: Path, component: str, allow_pickle: bool):
+    """A UNet, text encoder or VAE from its folder: from safetensors through the library's own
+    `from_pretrained`, or, where the folder holds only a pickle and the user allowed it, built
+    from its config with the state dict read by torch.load(weights_only=True) (so the library's
+    own pickle fallback, whatever its default, never runs)."""
+    weights = component_weights(path, component, allow_pickle)
+    folder = path / component
+    if weights.suffix != ".bin":
+        return model_cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    if hasattr(model_cls, "load_config"):  # diffusers
+        model = model_cls.from_config(model_cls.load_config(str(folder), local_files_only=True))
+    else:  # transformers
+        model = model_cls(model_cls.config_class.from_pretrained(str(folder), local_files_only=True))
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ModelDirError(f"{weights} does not hold a state dict of tensors")
+    expected = set(model.state_dict())
+    unexpected = sorted(set(state) - expected - {"text_model.embeddings.position_ids"})  # a buffer older files keep
+    missing = sorted(expected - set(state) - {"text_model.embeddings.position_ids"})
+    if unexpected or missing:
+        which = f"unexpected weight {unexpected[0]}" if unexpected else f"missing weight {missing[0]}"
+        raise ModelDirError(f"{weights} does not match {component}/config.json ({which})")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    return model
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}"
 
 
 def _quiet_hub_progress() -> None:

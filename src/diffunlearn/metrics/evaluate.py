@@ -210,16 +210,15 @@ class Evaluation:
 
     def save(self, folder: Path) -> None:
         """images.npy (no pickle) and metrics.json with the plan; `load` reads them back."""
-        import json
 
         import numpy as np
 
-        from diffunlearn.io import atomic_write_text
+        from diffunlearn.io import atomic_write_json
 
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "images.npy", self.images.numpy(), allow_pickle=False)
-        atomic_write_text(folder / "metrics.json", json.dumps(
-            {"metrics": self.metrics, "plan": [p.to_dict() for p in self.plan]}, indent=2, default=_json_value))
+        # NaN/inf become null (io.dump_json), so the file is valid JSON for any reader
+        atomic_write_json(folder / "metrics.json", {"metrics": self.metrics, "plan": [p.to_dict() for p in self.plan]})
 
     @classmethod
     def load(cls, folder: Path) -> Evaluation:
@@ -239,10 +238,6 @@ class Evaluation:
             if role is None or item.role == role:
                 groups.setdefault(item.prompt, []).append(i)
         return {p: self.images[idx[:limit]] for p, idx in groups.items()}
-
-
-def _json_value(value):
-    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 # ---- generation ------------------------------------------------------------------------------

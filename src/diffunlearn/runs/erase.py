@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from diffunlearn.runs.common import (
     Run,
     accelerator_peak,
-    attach_log,
-    detach_log,
     load_judging,
+    load_model,
     log,
     loop_config,
     make_task,
@@ -23,9 +23,11 @@ from diffunlearn.runs.common import (
     remove_checkpoint,
     run_or_skip,
     save_samples,
+    write_config,
     write_json,
+    write_run_marker,
 )
-from diffunlearn.runs.resolve import ResolvedRun, resolve_erase, task_flags, write_config, write_run_marker
+from diffunlearn.runs.resolve import ResolvedRun, check_threads, resolve_erase, task_flags
 
 
 def erase(method: str | None, forget: list[str] | None = None, retain: list[str] | None = None,
@@ -35,99 +37,112 @@ def erase(method: str | None, forget: list[str] | None = None, retain: list[str]
           domain: str | None = None) -> Run:
     """Erase `forget` from `model` (default: the shipped testbed) with `method`, evaluate before
     and after, and write the run directory. Finished runs are skipped; interrupted ones resume.
-    `notify` receives one line saying which of the three happens. `concepts` (a concept-set file
-    or built-in name), `anchor` and `domain` set `task.concepts`, `task.anchor`, `task.domain`."""
+    `notify` receives one line saying which of the three happens. Raises TrainingDiverged (and
+    marks the run `diverged`) if training produces NaN or infinite values. `concepts` (a concept-set
+    file or built-in name), `anchor` and `domain` set `task.concepts`, `task.anchor`, `task.domain`."""
+    check_threads(threads)
     resolved = resolve_erase(method, forget, retain, model, config, overrides,
                              task_flags(concepts=concepts, anchor=anchor, domain=domain))
     label = f"run {resolved.run_id} ({resolved.method}, profile {resolved.profile})"
-    return run_or_skip(resolved, out, "erase", label, notify, lambda out_dir: _execute_erase(
-        resolved, out_dir, threads, progress))
+    return run_or_skip(resolved, out, "erase", label, notify, threads, lambda: _load_erase(resolved, progress),
+                       lambda out_dir, loaded: _execute_erase(resolved, loaded, out_dir, progress))
 
 
-def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progress: bool) -> Run:
+@dataclass
+class _Loaded:
+    """What an erase run needs, loaded before its directory is created (a model folder that
+    fails only at load, or a task that cannot be built, fails without writing anything)."""
+
+    model: Any
+    task: Any
+    method: Any
+    steps: int
+    judging: Any
+
+
+def _load_erase(resolved: ResolvedRun, progress: bool) -> _Loaded:
     import torch
 
-    from diffunlearn.backends.diffusers_t2i import T2IModel
-    from diffunlearn.engine.loop import run_loop, write_curves
     from diffunlearn.methods import methods
+
+    torch.manual_seed(resolved.seed)
+    model = load_model(resolved.model_dir, resolved.allow_pickle)
+    model.autocast = resolved.method_config.bf16
+    task = make_task(resolved, model, progress)
+    method = methods.get(resolved.method)(resolved.method_config, model, task)
+    steps = method.resolved_steps()
+    judging = load_judging(resolved.eval, resolved.concept_set) if resolved.eval.enabled else None
+    return _Loaded(model, task, method, steps, judging)
+
+
+def _execute_erase(resolved: ResolvedRun, loaded: _Loaded, out: Path, progress: bool) -> Run:
+    import torch
+
+    from diffunlearn.engine.loop import check_finite_weights, run_loop, write_curves
     from diffunlearn.metrics.diagnostics import DistanceTracker, weight_distance
 
-    out.mkdir(parents=True, exist_ok=True)
-    handler = attach_log(out / "log.txt")
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        torch.manual_seed(resolved.seed)
-        model = T2IModel.from_pretrained(resolved.model_dir)
-        model.autocast = resolved.method_config.bf16
-        t = resolved.task
-        task = make_task(resolved, model, progress)
-        method_cls = methods.get(resolved.method)
-        method = method_cls(resolved.method_config, model, task)
-        steps = method.resolved_steps()
-        config = resolved.as_dict() | {"run_id": resolved.run_id, "versions": resolved.versions,
-                                       "resolved": {"steps": steps, "param_group": method.param_group(),
-                                                    "anchor_map": task.anchor_map, "threads": torch.get_num_threads()}}
-        write_config(out, config)
-        write_run_marker(out, resolved.run_id, "erase", "running")
-        log.info("erase %s: forget %s, %d steps on %s (run %s)", resolved.method, t.forget, steps,
-                 method.param_group(), resolved.run_id)
+    model, task, method, steps, judging = loaded.model, loaded.task, loaded.method, loaded.steps, loaded.judging
+    t = resolved.task
+    config = resolved.as_dict() | {"run_id": resolved.run_id, "versions": resolved.versions,
+                                   "resolved": {"steps": steps, "param_group": method.param_group(),
+                                                "anchor_map": task.anchor_map, "threads": torch.get_num_threads()}}
+    write_config(out, config)
+    log.info("erase %s: forget %s, %d steps on %s (run %s)", resolved.method, t.forget, steps,
+             method.param_group(), resolved.run_id)
 
-        judging = load_judging(resolved.eval, resolved.concept_set) if resolved.eval.enabled else None
-        alternatives = task.anchor_map if method.uses_anchor else None
-        before = _evaluate_cached(model, judging, task, resolved, alternatives, progress)
+    alternatives = task.anchor_map if method.uses_anchor else None
+    before = _evaluate_cached(model, judging, task, resolved, alternatives, progress)
 
-        task.prefetch()  # every training image, before training changes the model that may generate them
-        params = model.set_trainable(method.param_group())
-        method.setup()
-        c = resolved.method_config
-        # diagnostics every log_every steps: each group's distance from the original weights
-        loop_cfg = loop_config(c, steps, resolved.seed, progress, f"erase ({resolved.method})",
-                                hook_every=c.log_every)
-        start = {n: p.detach() for n, p in model.unet.named_parameters()}
-        tracker = DistanceTracker(start, start, list(params))
-        rss_before = peak_rss_mb()
-        model.counters = dict.fromkeys(model.counters, 0)  # count the unlearning only, not the evaluation
-        if method.closed_form:
-            result = _closed_form(method)
-        else:
-            result = run_loop(params, method.step, loop_cfg, checkpoint_dir=out / "checkpoint",
-                              hooks=[lambda step: tracker(dict(model.unet.named_parameters()))],
-                              extra_state=method.extra_state, load_extra_state=method.load_extra_state)
-        write_curves(out / "curves.csv", result.curves)
-        if result.hook_rows:
-            write_curves(out / "diagnostics.csv", result.hook_rows)
-        model.meta.update(forget=task.forget, method=resolved.method, run_id=resolved.run_id)
-        if alternatives:
-            model.meta["alternatives"] = alternatives
-        if getattr(method, "full_model", False):
-            # a full model (retrain) has no base; attacks measure distances against this original
-            model.meta["original"] = {"path": str(Path(resolved.model_dir).resolve()), "hash": resolved.model_hash}
-        model.save_pretrained(out / "model", changed_only=not getattr(method, "full_model", False))
-        model.path = out / "model"
+    task.prefetch()  # every training image, before training changes the model that may generate them
 
-        metrics: dict[str, Any] = {"run_id": resolved.run_id, "method": resolved.method, "forget": task.forget,
-                                   "anchor_map": task.anchor_map}
-        metrics["cost"] = {"train_seconds": round(result.seconds, 2), "steps": steps,
-                           "resumed_from_step": result.resumed_from, "peak_rss_mb": peak_rss_mb(),
-                           "peak_rss_mb_before_training": rss_before, **dict(model.counters),
-                           **accelerator_peak(), **method.cost()}
-        metrics["diagnostics"] = {"weight_distance": weight_distance(model.teacher_params(), params),
-                                  "final_loss": result.curves[-1] if result.curves else None,
-                                  "distance_by_group": result.hook_rows[-1] if result.hook_rows else None}
-        if judging is not None:
-            after = _evaluate(model, judging, task, resolved, alternatives, before, progress)
-            metrics["before"], metrics["after"] = before.metrics, after.metrics
-            save_samples(out / "samples.png", before, after)
-            if after.metrics.get("not_computed"):
-                log.info("%s", after.metrics["not_computed"])
-        write_json(out / "metrics.json", metrics)
-        write_run_marker(out, resolved.run_id, "erase", "complete")
-        remove_checkpoint(out)
-        log.info("done: %s", json.dumps({k: metrics.get("after", {}).get(k) for k in ("UA", "IRA", "CRA", "SFID")}))
-        return Run(out, resolved.run_id, config, metrics)
-    finally:
-        detach_log(handler)
+    params = model.set_trainable(method.param_group())
+    method.setup()
+    c = resolved.method_config
+    # diagnostics every log_every steps: each group's distance from the original weights
+    loop_cfg = loop_config(c, steps, resolved.seed, progress, f"erase ({resolved.method})", hook_every=c.log_every)
+    start = {n: p.detach() for n, p in model.unet.named_parameters()}
+    tracker = DistanceTracker(start, start, list(params))
+    rss_before = peak_rss_mb()
+    model.counters = dict.fromkeys(model.counters, 0)  # count the unlearning only, not the evaluation
+    if method.closed_form:
+        result = _closed_form(method)
+        check_finite_weights(dict(model.unet.named_parameters()), 0, None)
+    else:
+        result = run_loop(params, method.step, loop_cfg, checkpoint_dir=out / "checkpoint",
+                          hooks=[lambda step: tracker(dict(model.unet.named_parameters()))],
+                          extra_state=method.extra_state, load_extra_state=method.load_extra_state)
+    write_curves(out / "curves.csv", result.curves)
+    if result.hook_rows:
+        write_curves(out / "diagnostics.csv", result.hook_rows)
+    model.meta.update(forget=task.forget, method=resolved.method, run_id=resolved.run_id)
+    if alternatives:
+        model.meta["alternatives"] = alternatives
+    if getattr(method, "full_model", False):
+        # a full model (retrain) has no base; attacks measure distances against this original
+        model.meta["original"] = {"path": str(Path(resolved.model_dir).resolve()), "hash": resolved.model_hash}
+    model.save_pretrained(out / "model", changed_only=not getattr(method, "full_model", False))
+    model.path = out / "model"
+
+    metrics: dict[str, Any] = {"run_id": resolved.run_id, "method": resolved.method, "forget": task.forget,
+                               "anchor_map": task.anchor_map}
+    metrics["cost"] = {"train_seconds": round(result.seconds, 2), "steps": steps,
+                       "resumed_from_step": result.resumed_from, "peak_rss_mb": peak_rss_mb(),
+                       "peak_rss_mb_before_training": rss_before, **dict(model.counters),
+                       **accelerator_peak(), **method.cost()}
+    metrics["diagnostics"] = {"weight_distance": weight_distance(model.teacher_params(), params),
+                              "final_loss": result.curves[-1] if result.curves else None,
+                              "distance_by_group": result.hook_rows[-1] if result.hook_rows else None}
+    if judging is not None:
+        after = _evaluate(model, judging, task, resolved, alternatives, before, progress)
+        metrics["before"], metrics["after"] = before.metrics, after.metrics
+        save_samples(out / "samples.png", before, after)
+        if after.metrics.get("not_computed"):
+            log.info("%s", after.metrics["not_computed"])
+    write_json(out / "metrics.json", metrics)
+    write_run_marker(out, resolved.run_id, "erase", "complete")
+    remove_checkpoint(out)
+    log.info("done: %s", json.dumps({k: metrics.get("after", {}).get(k) for k in ("UA", "IRA", "CRA", "SFID")}))
+    return Run(out, resolved.run_id, config, metrics)
 
 
 def _closed_form(method):
@@ -158,8 +173,8 @@ def _evaluate_cached(model, judging, task, resolved: ResolvedRun, alternatives, 
     from diffunlearn.metrics.evaluate import Evaluation
 
     key = config_hash({"model": resolved.model_hash, "forget": sorted(task.forget), "data_seed": task.seed,
-                       "eval": resolved.eval.model_dump(), "evaluator": judging.spec,
-                       "concepts": judging.concept_set.fingerprint(),
+                       "eval": resolved.eval.model_dump(),
+                       "evaluator": judging.spec, "concepts": judging.concept_set.fingerprint(),
                        "alternatives": alternatives, "versions": resolved.versions})
     folder = cache_dir() / "evaluations" / key
     if (folder / "metrics.json").exists() and (folder / "images.npy").exists():

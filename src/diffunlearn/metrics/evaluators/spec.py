@@ -79,10 +79,7 @@ def check_evaluator(spec: EvaluatorSpec | None) -> None:
         return
     path = spec.path
     if spec.name == "canvas":
-        folder = path or ASSETS_EVALUATORS
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"no evaluator classifiers in {folder}; run `diffunlearn pretrain evaluators "
-                              "--install` or set eval.evaluator=canvas:DIR (or eval.evaluator=none)")
+        check_canvas_folder(path or ASSETS_EVALUATORS)
     elif spec.name == "clip":
         _need_dir(path, "clip")
         if not (path / "config.json").is_file() or not any((path / f).is_file() for f in WEIGHT_FILES):
@@ -96,6 +93,34 @@ def check_evaluator(spec: EvaluatorSpec | None) -> None:
             raise ConfigError(f"nudenet model not found: {path} (expected an .onnx file)")
     elif spec.name == "classifier":
         classifier_files(path)
+
+
+def check_canvas_folder(folder: Path) -> None:
+    """The canvas CNNs' folder holds a readable config and two intact safetensors files."""
+    import json
+
+    from diffunlearn.backends.model_dir import ModelDirError, read_safetensors_header
+    from diffunlearn.config import shown
+
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"no evaluator classifiers in {shown(str(folder), 120)}; run `diffunlearn pretrain "
+                          "evaluators --install` or set eval.evaluator=canvas:DIR (or eval.evaluator=none)")
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError):
+        config = None
+    needed = ("style_names", "object_names", "width", "feature_dim")
+    if not isinstance(config, dict) or any(k not in config for k in needed):
+        raise ConfigError(f"corrupt evaluator config {shown(str(folder / 'config.json'), 120)}: expected a JSON "
+                          f"object with {', '.join(needed)}")
+    for domain in ("style", "object"):
+        weights = folder / f"{domain}.safetensors"
+        if not weights.is_file():
+            raise ConfigError(f"evaluator folder {shown(str(folder), 120)} has no {weights.name}")
+        try:
+            read_safetensors_header(weights)
+        except ModelDirError as err:
+            raise ConfigError(f"evaluators: {err}") from None
 
 
 def _need_dir(path: Path | None, name: str) -> None:
