@@ -331,8 +331,8 @@ CASES = [
     Case("model-base-cycle", ["erase", "core", "--forget", "dotted", "--model", "{w}/a"], "loops back", base_cycle),
     Case("model-base-missing", ["erase", "core", "--forget", "dotted", "--model", "{w}/m"], "model folder not found",
          bad_model("m", base_is(lambda f: str(f.parent / "gone")))),
-    Case("model-base-changed", ["erase", "core", "--forget", "dotted", "--model", "{w}/stale"], "now has hash",
-         run_model_with_stale_base, torch=True),
+    Case("model-base-changed", ["erase", "core", "--forget", "dotted", "--concepts", "canvas", "--model", "{w}/stale"],
+         "now has hash", run_model_with_stale_base, torch=True),
     # evaluators
     Case("evaluators-truncated", [*E, "eval.evaluator=canvas:{w}/ev"], "corrupt safetensors",
          evaluators(truncate("style.safetensors"))),

@@ -51,7 +51,7 @@ def test_unknown_method(empty_cwd, tiny_model_dir):
 
 def test_unknown_concept(empty_cwd, tiny_model_dir):
     result = invoke("erase", "core", "--forget", "doted", "--model", tiny_model_dir)
-    _assert_one_line_error(result, "unknown concept 'doted'", "did you mean 'dotted'", "valid concepts:")
+    _assert_one_line_error(result, "unknown concept 'doted'", "did you mean 'dotted'", "valid concepts (canvas):")
     assert not any(empty_cwd.iterdir())
 
 

@@ -265,6 +265,7 @@ def resolve_erase(method: str | None, forget: list[str] | None = None, retain: l
 
     name, method_data = named_section(data, "method", method, methods)
     model_dir, meta, allow_pickle = resolve_model(data)
+    model_hash = model_content_hash(model_dir)  # a stale or broken model is reported before the task
     component = methods.get(name)
     profile, method_config = profiled_config(component, method_data, model_dir, meta, "method.")
     check_trains(component, method_config, "method.")
@@ -277,7 +278,7 @@ def resolve_erase(method: str | None, forget: list[str] | None = None, retain: l
     eval_cfg = build(EvalConfig, section(data, "eval"), "eval.")
     check_evaluators(eval_cfg, concept_set)
     check_eval_prompts(eval_cfg, task.forget)
-    return ResolvedRun(name, method_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir),
+    return ResolvedRun(name, method_config, profile, task, eval_cfg, model_dir, model_hash,
                        resolve_seed(data), concept_set, allow_pickle)
 
 
@@ -440,6 +441,7 @@ def resolve_attack(attack: str | None, model: str | Path | None = None, forget: 
 
     name, attack_data = named_section(data, "attack", attack, attacks)
     model_dir, meta, allow_pickle = resolve_model(data)
+    model_hash = model_content_hash(model_dir)
     source_run = source_run_of(model_dir)
     original_value = data.get("original")
     if original_value is not None and not isinstance(original_value, str):
@@ -470,7 +472,7 @@ def resolve_attack(attack: str | None, model: str | Path | None = None, forget: 
     alternatives = alternatives_of(meta, source_run)
     if alternatives is not None:
         alternatives = {c: list(a) for c, a in alternatives.items() if c in task.forget and a} or None
-    return ResolvedAttack(name, attack_config, profile, task, eval_cfg, model_dir, model_content_hash(model_dir),
+    return ResolvedAttack(name, attack_config, profile, task, eval_cfg, model_dir, model_hash,
                           original_dir, alternatives, source_run, resolve_seed(data), concept_set,
                           allow_pickle)
 
