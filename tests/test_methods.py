@@ -86,6 +86,42 @@ def test_retrain_reports_the_pretraining_it_ran_and_none_when_cached(tiny_model_
     assert costs[1] == {"steps": 0, "pretrain_cached": True}
 
 
+def test_retrain_keeps_the_original_text_encoder_and_a_path_free_cache_key(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+    from diffunlearn.config import config_hash
+
+    monkeypatch.setenv("DIFFUNLEARN_CACHE", str(tmp_path / "cache"))
+    original = T2IModel.from_pretrained(tiny_model_dir)
+    resolved = resolve_erase("retrain", ["dotted"], model=tiny_model_dir, overrides=SMOKE["retrain"])
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    unet_before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    method = methods.get("retrain")(resolved.method_config, model, UnlearningTask.create(["dotted"], images_per_pair=1))
+    method.apply_closed_form()
+    kept = dict(original.text_encoder.state_dict())
+    for name, tensor in model.text_encoder.state_dict().items():
+        assert torch.equal(tensor, kept[name]), name  # byte for byte the original's encoder
+    assert not any(torch.equal(p, unet_before[n]) for n, p in model.unet.named_parameters() if p.dim() > 1)
+
+    recipe = method.recipe()
+    # the key before this change: the recipe and both configs, text encoder retrained from scratch
+    old_key = config_hash({"recipe": recipe.model_dump(), "arch": {"unet": dict(original.unet.config),
+                                                                   "text": original.text_encoder.config.to_dict()}})
+    key = config_hash(method.cache_key(recipe))
+    assert key != old_key
+    assert method.cache_key(recipe)["text_encoder"] == {"original_frozen": original.text_encoder_hash()}
+    # the same model loaded from another folder (another checkout) shares the cache entry
+    shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
+    moved = methods.get("retrain")(resolved.method_config, T2IModel.from_pretrained(tmp_path / "elsewhere"),
+                                   UnlearningTask.create(["dotted"], images_per_pair=1))
+    assert config_hash(moved.cache_key(recipe)) == key
+    # another text encoder is another entry
+    with torch.no_grad():
+        next(moved.backend.text_encoder.parameters()).add_(1.0)
+    assert config_hash(moved.cache_key(recipe)) != key
+
+
 def test_esd_variants_choose_the_official_groups(tiny_model_dir):
     groups = {}
     for name in ("esd-x", "esd-u", "esd-all", "esd-x-strict"):

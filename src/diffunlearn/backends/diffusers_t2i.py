@@ -235,17 +235,33 @@ class T2IModel:
         model.path = path
         return model
 
-    def reinitialized(self, seed: int) -> T2IModel:
-        """A model of the same architecture, tokenizer and schedule with fresh random weights
-        (retraining from scratch: the gold standard of unlearning)."""
+    def reinitialized(self, seed: int, keep_text_encoder: bool = True) -> T2IModel:
+        """A model of the same architecture, tokenizer and schedule with a fresh random UNet
+        (retraining from scratch: the gold standard of unlearning). `keep_text_encoder`: a copy
+        of this model's text encoder, as a Stable Diffusion retrain keeps CLIP; otherwise a fresh
+        random one too."""
+        import copy
+
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(self.unet.config)
-        text_encoder = CLIPTextModel(self.text_encoder.config)
+        text_encoder = (copy.deepcopy(self.text_encoder) if keep_text_encoder
+                        else CLIPTextModel(self.text_encoder.config))
         return T2IModel(unet, text_encoder, self.tokenizer, self.scheduler, vae=self.vae, meta=dict(self.meta),
                         device=self.device)
+
+    def text_encoder_hash(self) -> str:
+        """SHA-256 of the text encoder's weights (names, dtypes, shapes and bytes), independent of
+        where the model was loaded from."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.text_encoder.state_dict().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def load_weights_from(self, other: T2IModel) -> None:
         """Copy every UNet and text-encoder weight of `other` (same architecture) into this model."""
