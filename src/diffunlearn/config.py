@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from diffunlearn.backends.base import PARAM_GROUPS
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -129,7 +131,7 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, description="max gradient norm; null disables")
     warmup: int = Field(0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
-    param_group: Literal["xattn", "xattn-kv", "noxattn", "full"] = Field(
+    param_group: Literal[PARAM_GROUPS] = Field(
         "xattn", description="which UNet weights train (backends/base.py PARAM_GROUPS)")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(5, ge=1)
