@@ -18,9 +18,10 @@ Table 3) describes CA-noise's unlearning loss as gradient-ascent-like, `-E||eps_
 relabelling, not ascent: it descends. `ca-model` descends in both sources: its target is the
 anchor's prediction.)
 Parameter group: cross-attention K/V, as the official code's `crossattn_kv`/`cross-attn`.
-[001] App. C: lr 1.6e-5, batch 4, 200 steps (forget one); [001] ran UnlearnCanvas' CA
-(`mu_concept_ablation_ca`, PyTorch Lightning, 2e-6 x batch 4 x 2 GPUs = 1.6e-5, no gradient
-clipping), so the `paper` profile does not clip (Kumari's diffusers script clips at 1.0).
+[001] App. C: lr 1.6e-5, batch 4, 200 steps (forget one), training as UnlearnCanvas does
+([001] App. C); UnlearnCanvas' CA (`mu_concept_ablation_ca/train.py`, a PyTorch Lightning trainer
+whose configs set no `gradient_clip_val`) does not clip gradients, so the `paper` profile does not
+either (Kumari's diffusers script clips at 1.0).
 """
 
 from __future__ import annotations
