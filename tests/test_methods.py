@@ -86,12 +86,108 @@ def test_retrain_reports_the_pretraining_it_ran_and_none_when_cached(tiny_model_
     assert costs[1] == {"steps": 0, "pretrain_cached": True}
 
 
+def test_retrain_keeps_the_original_text_encoder_and_a_path_free_cache_key(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+    from diffunlearn.config import config_hash
+
+    monkeypatch.setenv("DIFFUNLEARN_CACHE", str(tmp_path / "cache"))
+    original = T2IModel.from_pretrained(tiny_model_dir)
+    resolved = resolve_erase("retrain", ["dotted"], model=tiny_model_dir, overrides=SMOKE["retrain"])
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    unet_before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    method = methods.get("retrain")(resolved.method_config, model, UnlearningTask.create(["dotted"], images_per_pair=1))
+    method.apply_closed_form()
+    kept = dict(original.text_encoder.state_dict())
+    for name, tensor in model.text_encoder.state_dict().items():
+        assert torch.equal(tensor, kept[name]), name  # byte for byte the original's encoder
+    assert not any(torch.equal(p, unet_before[n]) for n, p in model.unet.named_parameters() if p.dim() > 1)
+
+    recipe = method.recipe()
+    # the key before this change: the recipe and both configs, text encoder retrained from scratch
+    old_key = config_hash({"recipe": recipe.model_dump(), "arch": {"unet": dict(original.unet.config),
+                                                                   "text": original.text_encoder.config.to_dict()}})
+    key = config_hash(method.cache_key(recipe))
+    assert key != old_key
+    assert method.cache_key(recipe)["text_encoder"] == {"original_frozen": original.text_encoder_hash()}
+    # the same model loaded from another folder (another checkout) shares the cache entry
+    shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
+    moved = methods.get("retrain")(resolved.method_config, T2IModel.from_pretrained(tmp_path / "elsewhere"),
+                                   UnlearningTask.create(["dotted"], images_per_pair=1))
+    assert config_hash(moved.cache_key(recipe)) == key
+    # another text encoder is another entry
+    with torch.no_grad():
+        next(moved.backend.text_encoder.parameters()).add_(1.0)
+    assert config_hash(moved.cache_key(recipe)) != key
+
+
 def test_esd_variants_choose_the_official_groups(tiny_model_dir):
     groups = {}
     for name in ("esd-x", "esd-u", "esd-all", "esd-x-strict"):
         resolved = resolve_erase(name, ["dotted"], model=tiny_model_dir)
         groups[name] = methods.get(name)(resolved.method_config, None, None).param_group()
-    assert groups == {"esd-x": "xattn", "esd-u": "noxattn", "esd-all": "full", "esd-x-strict": "xattn-kv"}
+    # esd_sd.py get_esd_trainable_parameters: Linear/Conv modules only, selected by name
+    assert groups == {"esd-x": "xattn", "esd-u": "noxattn-linconv", "esd-all": "full-linconv",
+                      "esd-x-strict": "xattn-kv"}
+
+
+def test_linconv_groups_leave_every_norm_layer_of_the_tiny_unet_out(tiny_model):
+    full = set(dict(tiny_model.unet.named_parameters()))
+    # the tiny UNet (channels 16/32, one layer per block) by hand: 8 resnets with norm1/norm2, 4 transformers
+    # with a GroupNorm `norm` and LayerNorms norm1-3 in their one block, and conv_norm_out
+    resnets = ["down_blocks.0.resnets.0", "down_blocks.1.resnets.0", "mid_block.resnets.0", "mid_block.resnets.1",
+               "up_blocks.0.resnets.0", "up_blocks.0.resnets.1", "up_blocks.1.resnets.0", "up_blocks.1.resnets.1"]
+    transformers = ["down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.0.attentions.0",
+                    "up_blocks.0.attentions.1"]
+    norms = [f"{r}.norm{i}" for r in resnets for i in (1, 2)] + [f"{a}.norm" for a in transformers]
+    norms += [f"{a}.transformer_blocks.0.norm{i}" for a in transformers for i in (1, 2, 3)] + ["conv_norm_out"]
+    norm_params = {f"{m}.{w}" for m in norms for w in ("weight", "bias")}
+    assert len(norm_params) == 66 and norm_params <= full
+    cross = {n for n in full if ".attn2." in n}
+    assert set(tiny_model.param_group("full-linconv")) == full - norm_params  # esd-all
+    assert set(tiny_model.param_group("noxattn-linconv")) == full - norm_params - cross  # esd-u
+    assert set(tiny_model.param_group("xattn")) == cross and not cross & norm_params  # esd-x: no norm inside attn2
+    # what remains are Linear/Conv weights and biases only
+    kinds = {n.rsplit(".", 2)[-2] for n in full - norm_params}
+    assert kinds <= {"conv_in", "conv_out", "conv1", "conv2", "conv", "conv_shortcut", "linear_1", "linear_2",
+                     "time_emb_proj", "proj_in", "proj_out", "to_q", "to_k", "to_v", "0", "proj", "2"}, kinds
+
+
+def test_ca_noise_from_forget_images_ascends_the_denoising_loss(tiny_model_dir, monkeypatch):
+    from diffunlearn import objectives
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+    from diffunlearn.data import canvas
+    from diffunlearn.objectives import TermBatch
+
+    resolved = resolve_erase("ca-noise", ["dotted"], model=tiny_model_dir,
+                             overrides=["method.source=forget", "method.retain_weight=0", "method.batch_size=2"])
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    task = UnlearningTask.create(["dotted"], images_per_pair=1)
+    method = methods.get("ca-noise")(resolved.method_config, model, task)
+    params = model.set_trainable("xattn-kv")
+    g = torch.Generator().manual_seed(0)
+    prompts = [canvas.full_prompt("dotted", "circle"), canvas.full_prompt("dotted", "ring")]
+    x0 = torch.rand(2, *model.image_shape, generator=g) * 2 - 1
+    fixed = TermBatch(x0, torch.randn(x0.shape, generator=g), torch.tensor([100, 700]),
+                      {"forget": prompts, "anchor": prompts, "retain": prompts, "empty": ["", ""]})
+    monkeypatch.setattr(objectives, "make_batch", lambda backend, task, term, n, gen: fixed)
+    method.step(0, torch.Generator().manual_seed(1))
+    got = {n: p.grad.clone() for n, p in params.items()}
+
+    # [001] §4.3 / Table 3: -E ||eps_theta(x_t^f, p_f) - eps||, with eq. 12's unsquared norm and w_t = 1
+    for p in params.values():
+        p.grad = None
+    x_t = model.add_noise(fixed.x0, fixed.noise, fixed.t)
+    pred = model.unet(x_t, fixed.t, encoder_hidden_states=model.encode(prompts)).sample
+    ascent = -(pred - fixed.noise).flatten(1).norm(dim=1).mean()
+    ascent.backward()
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7)
+    assert any(p.grad.abs().sum() > 0 for p in params.values())
+    # the Kumari reading (anchor images) is relabelling and keeps descending
+    anchor = resolve_erase("ca-noise", ["dotted"], model=tiny_model_dir).method_config
+    assert methods.get("ca-noise")(anchor, None, None).terms()[0].weight == 1.0
 
 
 def test_core_epochs_count_passes_over_d_f(tiny_model_dir):
@@ -157,7 +253,77 @@ def test_erasediff_lambda_on_a_hand_computable_case():
     grad_g = torch.tensor([4.0, 0.0])  # aligned and large: (0.1*16 - 4) / 16 < 0 -> 0
     assert lambda_t(grad_r, grad_g, "paper", 0.1) == 0.0
     assert lambda_t(grad_r, torch.tensor([1.0, 1.0]), "cos", 0.9) == pytest.approx(0.9 - 2**-0.5)
-    assert lambda_t(grad_r, grad_g, "fixed", 0.1) == 0.1
+    assert lambda_t(grad_r, grad_g, "fixed", 0.1) == 0.1  # the official --lambda_bome default
+    assert lambda_t(grad_r, grad_g, "fixed", 0.1, fixed=1.0) == 1.0  # as the SD recipes pass it
+
+
+def test_erasediff_paper_profile_is_the_official_sd_recipe_with_a_fixed_lambda(tiny_model_dir):
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+    from diffunlearn.engine.loop import step_generator
+
+    default = resolve_erase("erasediff", ["dotted"], model=tiny_model_dir).method_config
+    assert default.lambda_fixed == 0.1  # ddpm/main.py and sd/train_scripts/erasediff.py: --lambda_bome 0.1
+    resolved = resolve_erase("erasediff", ["dotted"], model=tiny_model_dir,
+                             overrides=["method.profile=paper", "method.batch_size=2", "method.param_group=xattn-kv"])
+    cfg = resolved.method_config
+    # sd/train_scripts/train_cls.sh: --K_steps 1 --lr 1e-5 --lambda_bome 1. --batch_size 16 --epochs 2, no clipping
+    assert (cfg.lambda_mode, cfg.lambda_fixed, cfg.inner_steps, cfg.lr, cfg.epochs) == ("fixed", 1.0, 1, 1e-5, 2)
+    assert cfg.grad_clip is None and cfg.variant == "rl"
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    method = methods.get("erasediff")(cfg, model, UnlearningTask.create(["dotted"], images_per_pair=1))
+    model.set_trainable("xattn-kv")
+    assert method.step(0, step_generator(0, 0))["lambda_t"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["erasediff", "erasediff-sum"])
+def test_erasediff_reports_ar_cl_exactly_with_the_rl_target(name, tiny_model_dir):
+    for variant, anchored in (("rl", True), ("noise", False)):
+        resolved = resolve_erase(name, ["dotted"], model=tiny_model_dir, overrides=[f"method.variant={variant}"])
+        assert methods.get(name)(resolved.method_config, None, None).uses_anchor is anchored
+    assert methods.get(name).uses_anchor is False  # the class alone has no variant
+
+
+def test_erasediff_sum_paper_profile_is_unlearncanvas_ediff(tiny_model_dir, monkeypatch):
+    from diffunlearn import objectives
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+    from diffunlearn.data import canvas
+    from diffunlearn.objectives import TermBatch, compute_loss
+
+    resolved = resolve_erase("erasediff-sum", ["dotted"], model=tiny_model_dir, overrides=["method.profile=paper"])
+    cfg = resolved.method_config
+    # UnlearnCanvas mu_erase_diff_ediff/train-erase.py: batch 4, lr 5e-5, 5 epochs, alpha 0.1, xattn, no clipping
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, cfg.param_group, cfg.grad_clip) == (4, 5e-5, 5, "xattn", None)
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    model.set_trainable("xattn")
+    with torch.no_grad():  # a student away from the teacher
+        for _, p in model.named_trainable():
+            p.add_(0.05 * torch.randn_like(p))
+    method = methods.get("erasediff-sum")(cfg, model, UnlearningTask.create(["dotted"], images_per_pair=1))
+    g = torch.Generator().manual_seed(0)
+    objects = ["circle", "square", "ring", "cross"]
+    forget = [canvas.full_prompt("dotted", o) for o in objects]
+    photo = [canvas.full_prompt("solid", o) for o in objects]  # the base style standing in for "Photo"
+    retain = [canvas.full_prompt("striped", o) for o in objects]
+
+    def batch(prompts: dict[str, list[str]]) -> TermBatch:
+        x0 = torch.rand(4, *model.image_shape, generator=g) * 2 - 1
+        return TermBatch(x0, torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (4,), generator=g), prompts)
+
+    batches = {"forget": batch({"forget": forget, "anchor": photo, "retain": forget, "empty": [""] * 4}),
+               "retain": batch({"forget": retain, "anchor": retain, "retain": retain, "empty": [""] * 4})}
+    monkeypatch.setattr(objectives, "make_batch", lambda backend, task, term, n, gen: batches[term.images])
+    total, _ = compute_loss(method.terms(), model, method.task, 4, torch.Generator().manual_seed(1))
+
+    def unet(b: TermBatch, prompts: list[str]) -> torch.Tensor:
+        x_t = model.add_noise(b.x0, b.noise, b.t)
+        return model.unet(x_t, b.t, encoder_hidden_states=model.encode(prompts)).sample
+
+    f, r = batches["forget"], batches["retain"]
+    loss_r = (unet(r, retain) - r.noise).pow(2).mean()  # model.shared_step on the remain batch
+    with torch.no_grad():  # pseudo_out: forget images, same noise and t, retain ("Photo") prompts, detached
+        pseudo = unet(f, photo)
+    loss_f = (unet(f, forget) - pseudo).pow(2).mean()
+    torch.testing.assert_close(total, loss_r + 0.1 * loss_f, rtol=1e-4, atol=1e-6)
 
 
 def test_erasediff_step_follows_retain_plus_lambda_forget(tiny_model_dir):
@@ -191,6 +357,26 @@ def test_uce_closed_form_matches_a_direct_least_squares_solve():
     wanted = torch.cat([lamb**0.5 * weight.T, s_e**0.5 * targets.T, s_p**0.5 * (weight @ preserve.T).T])
     direct = torch.linalg.lstsq(design, wanted).solution.T
     torch.testing.assert_close(got, direct)
+
+
+def test_uce_paper_profile_preserves_nothing_as_the_official_default(tiny_model_dir):
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+    from diffunlearn.methods.uce import last_token_embeddings
+
+    resolved = resolve_erase("uce", ["dotted"], model=tiny_model_dir, overrides=["method.profile=paper"])
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    method = methods.get("uce")(resolved.method_config, model, UnlearningTask.create(["dotted"]))
+    c = last_token_embeddings(model, ["dotted"]).double().T  # (dim, 1)
+    guide = last_token_embeddings(model, ["pattern"]).double().T
+    originals = [linear.weight.detach().double().clone() for _, k, v in model.xattn_kv_layers() for linear in (k, v)]
+    model.set_trainable("xattn-kv")
+    method.apply_closed_form()
+    edited = [linear.weight.detach().double() for _, k, v in model.xattn_kv_layers() for linear in (k, v)]
+    for w, new in zip(originals, edited, strict=True):
+        # uce_sd_erase.py with no --preserve_concepts: (lamb W + s_e v* c^T)(lamb I + s_e c c^T)^-1, lamb 0.5, s_e 1
+        v_star = w @ guide
+        expected = (0.5 * w + v_star @ c.T) @ torch.linalg.inv(0.5 * torch.eye(w.shape[1], dtype=w.dtype) + c @ c.T)
+        torch.testing.assert_close(new, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_uce_maps_the_concept_onto_its_guide(tiny_model_dir):

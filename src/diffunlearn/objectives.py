@@ -49,6 +49,10 @@ class Term:
     generation_steps: int = 50  # images="generated": DDIM steps of the sampler (ESD: 50)
     generation_guidance: float = 3.0  # images="generated": its guidance scale (ESD: 3)
     generator: Literal["teacher", "student"] = "teacher"  # images="generated": which weights sample
+    # images="generated": x_t is the state after k DDIM steps, k uniform in [first_stop, generation_steps - 1],
+    # trained at that state's timestep. 0 as the official ESD code (esd_sd.py: run_till_timestep =
+    # random.randint(0, 49)), where k = 0 trains on the initial noise at the first DDIM timestep.
+    first_stop: int = 0
 
 
 @dataclass
@@ -105,13 +109,16 @@ def draw_batch(backend: Backend, task: UnlearningTask, source: ImageSource, n: i
 
 
 def generate_batch(backend: Backend, term: Term, task: UnlearningTask, n: int, gen: torch.Generator) -> TermBatch:
-    """x_t sampled from the forget prompts and stopped at a random DDIM step, as the official
-    ESD code does (data-free) and SDD does with the student."""
+    """x_t sampled from the forget prompts and stopped after a random number of DDIM steps
+    (`term.first_stop` to `generation_steps - 1`, one draw per batch), as the official ESD code
+    does (data-free) and SDD does with the student."""
     import torch
 
     _, prompts = sample_items(task, "forget", n, gen)
     timesteps = backend.ddim_timesteps(term.generation_steps)
-    t_stop = timesteps[int(torch.randint(1, len(timesteps), (1,), generator=gen))]
+    if not 0 <= term.first_stop < len(timesteps):
+        raise ValueError(f"term '{term.name}': first_stop {term.first_stop} must lie in [0, {len(timesteps) - 1}]")
+    t_stop = timesteps[int(torch.randint(term.first_stop, len(timesteps), (1,), generator=gen))]
     seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
     params = backend.teacher_params() if term.generator == "teacher" else None
     x_t = backend.sample(prompts["forget"], seeds, steps=term.generation_steps, guidance=term.generation_guidance,
