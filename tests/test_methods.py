@@ -425,15 +425,192 @@ def test_advanchor_perturbs_only_the_concept_token(tiny_model_dir):
     assert changed == model.token_positions(prompt, "dotted")
 
 
-def test_mace_attention_loss_counts_only_concept_tokens_inside_the_mask():
+def test_mace_refinement_token_sets_follow_the_official_matching(tiny_model):
+    """Shilin-LU/MACE cfr_utils.find_matching_indices + prepare_k_v(all_words=False), worked by hand:
+    the common prefix maps to itself, the concept's tokens are dropped, the suffix and every
+    padding position up to the context length pair up aligned from EOS."""
+    from diffunlearn.methods.mace import mapped_prompt, matching_positions, refinement_positions
+
+    tok = tiny_model.tokenizer  # word-level: [BOS] an image of circle in dotted style [EOS], context 12
+    prompt = "an image of circle in dotted style"
+    assert mapped_prompt(prompt, "dotted", "pattern") == "an image of circle in pattern style"
+    assert mapped_prompt(prompt, "dotted", "") == "an image of circle in style"
+    same_length = refinement_positions(tok.ids(prompt), tok.ids("an image of circle in pattern style"), 12)
+    # BOS..'in' (0-5) identity; 'dotted' (6) dropped; 'style', EOS (7, 8) and padding 9-11 mapped
+    assert same_length == ([0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11], [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11])
+    shorter = refinement_positions(tok.ids(prompt), tok.ids("an image of circle in style"), 12)
+    # the mapped prompt's EOS is at 7: old 8+k pairs with new 7+k while both stay below 12
+    assert shorter == ([0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    partial = refinement_positions(tok.ids("an image in dotted style"), tok.ids("an image in pattern style"), 12)
+    assert partial[0] == partial[1] == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11]
+    # a two-token concept replaced by a three-token mapping (CLIP-like ids; BOS 1, EOS 2)
+    old, new = [1, 10, 11, 50, 51, 12, 2], [1, 10, 11, 60, 61, 62, 12, 2]
+    assert matching_positions(old, new) == ([0, 1, 2, 5, 6], [0, 1, 2, 6, 7])
+    assert refinement_positions(old, new, 10) == ([0, 1, 2, 5, 6, 7, 8], [0, 1, 2, 6, 7, 8, 9])
+    # the concept first: only BOS is a prefix
+    assert matching_positions([1, 50, 12, 2], [1, 60, 12, 2]) == ([0, 2, 3], [0, 2, 3])
+
+
+def test_mace_lora_attends_to_concept_tokens_and_end_tokens(tiny_model):
+    """MACEDataset.__getitem__: concept ids everywhere they occur, plus (use_pooler) every position
+    holding the end-of-text id; SD v1.x pads with that id, so its padding counts too."""
+    from diffunlearn.methods.mace import attended_positions
+
+    prompt = "an image of circle in dotted style"
+    assert attended_positions(tiny_model.tokenizer, prompt, "dotted", use_pooler=True) == [6, 8]  # [PAD] != [EOS]
+    assert attended_positions(tiny_model.tokenizer, prompt, "dotted", use_pooler=False) == [6]
+
+    class PadWithEndToken:  # CLIP's SD v1.4 tokenizer: BOS 1, EOS = pad 2, context 8
+        vocab = {"a": 10, "photo": 11, "of": 12, "big": 13, "ship": 14}
+
+        def ids(self, text, special=True):
+            body = [self.vocab[w] for w in text.split()]
+            return [1, *body, 2] if special else body
+
+        def __call__(self, prompts):
+            return torch.tensor([(self.ids(p) + [2] * 8)[:8] for p in prompts])
+
+    tok = PadWithEndToken()
+    assert attended_positions(tok, "a photo of big ship", "big ship", use_pooler=True) == [4, 5, 6, 7]
+    assert attended_positions(tok, "ship of ship", "ship", use_pooler=False) == [1, 3]
+
+
+def test_mace_closed_form_edit_matches_a_direct_least_squares_solve():
+    from diffunlearn.methods.mace import closed_form_edit
+
+    g = torch.Generator().manual_seed(0)
+    weight, prior_weight = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    contexts, values = torch.randn(5, 8, generator=g), torch.randn(5, 6, generator=g)
+    prior = torch.randn(4, 8, generator=g)
+    lamb, scale = 0.3, 0.7
+    got = closed_form_edit(weight, contexts, values, lamb, prior, prior_weight, scale)
+    # min sum ||W' c_i - v_i||^2 + scale sum ||W' p_j - W_p p_j||^2 + lamb ||W' - W||^2 as stacked rows
+    design = torch.cat([contexts, scale**0.5 * prior, lamb**0.5 * torch.eye(8)]).double()
+    wanted = torch.cat([values, scale**0.5 * prior @ prior_weight.T, lamb**0.5 * weight.T]).double()
+    torch.testing.assert_close(got, torch.linalg.lstsq(design, wanted).solution.T.float(), atol=1e-5, rtol=1e-5)
+    # fewer constraints than dimensions and a vanishing ridge: identity constraints (a prefix token,
+    # whose target is W e) are kept and the other contexts land exactly on their targets
+    identity = contexts[:2]
+    stacked = torch.cat([identity, contexts[2:]])
+    targets = torch.cat([identity @ weight.T, values[2:]])
+    refined = closed_form_edit(weight, stacked, targets, 1e-8)
+    torch.testing.assert_close(identity @ refined.T, identity @ weight.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(contexts[2:] @ refined.T, values[2:], atol=1e-4, rtol=1e-4)
+
+
+def _mace(tiny_model_dir, overrides):
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+
+    resolved = resolve_erase("mace", ["dotted"], model=tiny_model_dir, overrides=overrides)
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    method = methods.get("mace")(resolved.method_config, model, UnlearningTask.create(["dotted"], images_per_pair=1))
+    model.set_trainable("xattn-kv")
+    method.setup()
+    return model, method
+
+
+def _ridge_lstsq(weight, blocks):
+    """argmin_W' lamb ||W' - W||^2 + sum_k s_k ||W' X_k^T - T_k^T||^2, blocks = [(s_k, X_k, T_k)]."""
+    design = torch.cat([s**0.5 * x for s, x, _ in blocks]).double()
+    wanted = torch.cat([s**0.5 * t for s, _, t in blocks]).double()
+    return torch.linalg.lstsq(design, wanted).solution.T.float()
+
+
+def test_mace_refinement_maps_the_official_token_sets(tiny_model_dir):
+    from diffunlearn.data import canvas
+
+    lamb, lambda1 = 0.5, 0.1
+    model, method = _mace(tiny_model_dir, [f"method.lamb={lamb}", f"method.lambda1={lambda1}"])
+    original = {name: (k.weight.detach().clone(), v.weight.detach().clone()) for name, k, v in model.xattn_kv_layers()}
+    method.refine()
+    # written out by hand: the full prompts drop position 6 ('dotted'), the partial prompt position 4
+    objects = [o for s, o in method.task.forget_pairs()]
+    full = [f"an image of {o} in dotted style" for o in objects]
+    full_positions = [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11]
+    partial_positions = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11]
+    old = torch.cat([model.encode(full)[:, full_positions].flatten(0, 1),
+                     model.encode(["an image in dotted style"])[0, partial_positions]])
+    new = torch.cat([model.encode([p.replace("dotted", "pattern") for p in full])[:, full_positions].flatten(0, 1),
+                     model.encode(["an image in pattern style"])[0, partial_positions]])
+    retain_prompts = [canvas.partial_prompt(c) for c in method.task.retain]
+    prior = model.encode(retain_prompts).flatten(0, 1)  # all 12 positions, padding included
+    assert prior.shape[0] == 12 * len(retain_prompts)
+    for name, to_k, to_v in model.xattn_kv_layers():
+        for linear, w0 in zip((to_k, to_v), original[name], strict=True):
+            expected = _ridge_lstsq(w0, [(lamb, torch.eye(w0.shape[1]), w0.T), (1.0, old, new @ w0.T),
+                                         (lambda1, prior, prior @ w0.T)])
+            torch.testing.assert_close(linear.weight.detach(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_mace_fusion_uses_every_position_and_the_original_weights_for_the_prior(tiny_model_dir):
+    from diffunlearn.data import canvas
+
+    lamb, lambda2 = 0.5, 0.2
+    model, method = _mace(tiny_model_dir, [f"method.lamb={lamb}", f"method.lambda2={lambda2}"])
+    g = torch.Generator().manual_seed(1)
+    original, refined, deltas = {}, {}, {}
+    with torch.no_grad():
+        for name, to_k, to_v in model.xattn_kv_layers():
+            for proj, linear in (("to_k", to_k), ("to_v", to_v)):
+                key = f"{name}.{proj}"
+                original[key] = linear.weight.detach().clone()
+                linear.weight.add_(0.1 * torch.randn(linear.weight.shape, generator=g))  # stands for the CFR
+                refined[key] = linear.weight.detach().clone()
+                deltas[key] = 0.1 * torch.randn(linear.weight.shape, generator=g)
+    method.fuse({"dotted": deltas})
+    prompts = [f"an image of {o} in dotted style" for _, o in method.task.forget_pairs()] + ["an image in dotted style"]
+    every = model.encode(prompts).flatten(0, 1)  # all 12 positions of every concept prompt
+    prior = model.encode([canvas.partial_prompt(c) for c in method.task.retain]).flatten(0, 1)
+    modules = dict(model.unet.named_modules())
+    for key, w in refined.items():
+        expected = _ridge_lstsq(w, [(lamb, torch.eye(w.shape[1]), w.T), (1.0, every, every @ (w + deltas[key]).T),
+                                    (lambda2, prior, prior @ original[key].T)])
+        torch.testing.assert_close(modules[key].weight.detach(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_mace_lora_loss_is_the_summed_frobenius_norm_under_a_nearest_thresholded_mask():
+    """cfr_utils.AttnController: per layer torch.norm(A[:, mask > 0.5 after nearest resize][:, :, concept]),
+    summed over layers; here averaged over a batch of two images (the second one's mask is empty)."""
+    import math
+
     from diffunlearn.methods.mace import attention_in_mask
 
-    probs = torch.zeros(1, 1, 4, 3)  # batch, heads, 2x2 pixels, 3 tokens
-    probs[0, 0, :, 1] = torch.tensor([0.5, 0.5, 0.2, 0.2])
-    probs[0, 0, :, 2] = 0.9  # not a concept token
-    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # only the first pixel
-    loss = attention_in_mask({"layer": [probs]}, mask, [[1]])
-    assert float(loss) == pytest.approx(0.25)
+    mask = torch.zeros(2, 4, 4)
+    # nearest 4x4 -> 2x2 reads pixels (0,0) (0,2) (2,0) (2,2): 0.6 kept, 0.5 not (> 0.5 strictly),
+    # 1.0 kept, 0.0 not; their 2x2 block means (0.15, 0.5, 0.55, 0.75) would select differently
+    mask[0] = torch.tensor([[0.6, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5], [1.0, 0.0, 0.0, 1.0], [0.2, 0.0, 1.0, 1.0]])
+    big = torch.full((2, 2, 4, 4), 0.9)  # batch, heads, 2x2 pixels, tokens; 0.9 wherever not selected
+    big[0, 0, 0, [1, 3]] = torch.tensor([0.3, 0.4])  # head 0, pixel (0,0), tokens 1 and 3
+    big[0, 0, 2, [1, 3]] = 0.0
+    big[0, 1, 0, [1, 3]] = 0.0
+    big[0, 1, 2, [1, 3]] = torch.tensor([0.6, 0.8])  # head 1, pixel (1,0)
+    small = torch.full((2, 2, 1, 4), 0.9)  # a 1x1 layer reads pixel (0,0): 0.6, kept
+    small[0, 0, 0] = torch.tensor([0.1, 0.5, 0.2, 0.2])
+    small[0, 1, 0] = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    big.requires_grad_(True)
+    loss = attention_in_mask({"a": [big], "b": [small]}, mask, [[1, 3], [1, 3]])
+    first = math.sqrt(0.3**2 + 0.4**2 + 0.6**2 + 0.8**2) + math.sqrt(0.5**2 + 0.2**2 + 0.1**2 + 0.1**2)
+    assert float(loss.detach()) == pytest.approx(first / 2, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(big.grad).all() and float(big.grad[1].abs().sum()) == 0.0
+
+
+def test_mace_paper_profile_trains_loras_with_the_official_adamw(tiny_model_dir, monkeypatch):
+    """configs/object/erase_ship.yaml + cfr_lora_training.py: AdamW, weight decay 0.01, clipping at 1."""
+    import diffunlearn.engine.loop as loop
+
+    model, method = _mace(tiny_model_dir, ["method.profile=paper"])
+    seen = []
+    monkeypatch.setattr(loop, "run_loop", lambda params, step, cfg: seen.append((params, cfg)))
+    method.train_lora("dotted")
+    params, cfg = seen[0]
+    assert (cfg.optimizer, cfg.weight_decay, cfg.grad_clip, cfg.lr, cfg.steps, cfg.schedule) == (
+        "adamw", 0.01, 1.0, 1e-5, 50, "constant")
+    optimizer = loop.make_optimizer(list(params.values()), cfg)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["weight_decay"] == 0.01
+    assert method.cfg.lora_rank == 1 and method.cfg.lamb == 1e3 and method.cfg.use_pooler
+    assert method.cfg.lambda1 == method.cfg.lambda2 == 0.0 and method.cfg.timesteps == "cfis"
+    assert method.cfg.batch_size == 1
 
 
 def test_mace_concept_focal_sampling_matches_the_official_density():
