@@ -157,6 +157,15 @@ def test_every_attack_config_validates_and_has_both_profiles():
             cls.Config(**cls.profiles[profile])
 
 
+def test_resurgence_paper_profile_fine_tunes_with_lora(tiny_model_dir):
+    from diffunlearn.runs.resolve import resolve_attack
+
+    # [000] §4.3: LoRA is the primary fine-tuning algorithm at Stable Diffusion scale
+    resolved = resolve_attack("resurgence", tiny_model_dir, forget=["dotted"], overrides=["attack.profile=paper"])
+    assert resolved.profile == "paper"
+    assert resolved.attack_config.mode == "lora" and resolved.attack_config.lora_rank == 4
+
+
 def test_erase_then_attack_end_to_end(tiny_model_dir, tiny_evaluator_dir, tmp_path, one_thread):
     erase_out = tmp_path / "erase"
     erase_overrides = ["method.epochs=null", "method.steps=2", "method.batch_size=2", "task.images_per_prompt=1",

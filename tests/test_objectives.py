@@ -79,3 +79,29 @@ def test_weights_and_signs_sum(tiny_model):
              Term("b", images="retain", prompt="retain", target="gaussian", weight=2.0)]
     total, logs = compute_loss(terms, tiny_model, task, 2, step_generator(0, 0))
     assert abs(float(total.detach()) - (-logs["loss_a"] + 2 * logs["loss_b"])) < 1e-5
+
+
+def test_generated_states_stop_after_zero_to_n_minus_one_ddim_steps_as_official_esd(tiny_model, monkeypatch):
+    from diffunlearn.objectives import generate_batch
+
+    # esd_sd.py: run_till_timestep = random.randint(0, 49), inclusive, for 50 steps: the state after k
+    # of the N steps for k = 0..N-1 (k = 0: the initial noise), trained at timesteps[k]
+    task = _setup(tiny_model)
+    assert tiny_model.ddim_timesteps(4) == [750, 500, 250, 0]
+    monkeypatch.setattr(type(tiny_model), "sample", lambda self, prompts, seeds, **kw: torch.zeros(len(prompts), 3))
+    stops = {}
+    for first_stop in (0, 1):
+        term = Term("esd", images="generated", prompt="forget", target="esd", generation_steps=4, first_stop=first_stop)
+        stops[first_stop] = {int(generate_batch(tiny_model, term, task, 2, step_generator(0, k)).t[0])
+                             for k in range(64)}
+    assert stops[0] == {750, 500, 250, 0}
+    assert stops[1] == {500, 250, 0}
+    from diffunlearn.methods.esd import Esd, EsdConfig
+
+    assert Esd(EsdConfig(mode="data-free"), None, None).terms()[0].first_stop == 0
+
+
+def test_stopping_at_the_first_timestep_returns_the_initial_noise(tiny_model):
+    seeds = [3, 4]
+    x = tiny_model.sample(["an image of circle in dotted style", ""], seeds, steps=4, stop_at=750)
+    assert torch.equal(x, tiny_model.initial_noise(seeds))

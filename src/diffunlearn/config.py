@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from diffunlearn.backends.base import PARAM_GROUPS
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; 1 MiB is far beyond any real one
 MAX_YAML_DEPTH = 32  # nesting levels (a config uses three)
@@ -307,7 +309,7 @@ class TrainConfig(StrictModel):
                                     "turn descent into ascent); null disables")
     warmup: int = Field(0, ge=0, le=10_000_000)
     schedule: Literal["constant", "cosine"] = "constant"
-    param_group: Literal["xattn", "xattn-kv", "noxattn", "full"] = Field(
+    param_group: Literal[PARAM_GROUPS] = Field(
         "xattn", description="which UNet weights train (backends/base.py PARAM_GROUPS)")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(5, ge=1)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
+from diffunlearn.backends.base import PARAM_GROUPS
 from diffunlearn.config import TrainConfig
 from diffunlearn.objectives import denoising_loss
 
@@ -33,7 +34,7 @@ LORA_ADAPTER = "attack"
 class AttackConfig(TrainConfig):
     """The shared loop's settings plus how the attack trains and how often it is watched."""
 
-    param_group: Literal["xattn", "xattn-kv", "noxattn", "full"] = Field(
+    param_group: Literal[PARAM_GROUPS] = Field(
         "full", description="which UNet weights train in full mode (backends/base.py PARAM_GROUPS)")
     mode: Literal["full", "lora"] = Field("full", description="full: train param_group; lora: a peft LoRA on "
                                           "every attention projection, merged into the weights at the end")

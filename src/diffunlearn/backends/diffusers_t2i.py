@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from torch import nn
 from torch.func import functional_call
 
-from diffunlearn.backends.base import PARAM_GROUPS
+from diffunlearn.backends.base import LINEAR_CONV, PARAM_GROUPS
 from diffunlearn.backends.model_dir import (
     META_FILE,
     UNET_WEIGHTS,
@@ -256,17 +256,33 @@ class T2IModel:
         model.path = path
         return model
 
-    def reinitialized(self, seed: int) -> T2IModel:
-        """A model of the same architecture, tokenizer and schedule with fresh random weights
-        (retraining from scratch: the gold standard of unlearning)."""
+    def reinitialized(self, seed: int, keep_text_encoder: bool = True) -> T2IModel:
+        """A model of the same architecture, tokenizer and schedule with a fresh random UNet
+        (retraining from scratch: the gold standard of unlearning). `keep_text_encoder`: a copy
+        of this model's text encoder, as a Stable Diffusion retrain keeps CLIP; otherwise a fresh
+        random one too."""
+        import copy
+
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(self.unet.config)
-        text_encoder = CLIPTextModel(self.text_encoder.config)
+        text_encoder = (copy.deepcopy(self.text_encoder) if keep_text_encoder
+                        else CLIPTextModel(self.text_encoder.config))
         return T2IModel(unet, text_encoder, self.tokenizer, self.scheduler, vae=self.vae, meta=dict(self.meta),
                         device=self.device)
+
+    def text_encoder_hash(self) -> str:
+        """SHA-256 of the text encoder's weights (names, dtypes, shapes and bytes), independent of
+        where the model was loaded from."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.text_encoder.state_dict().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def load_weights_from(self, other: T2IModel) -> None:
         """Copy every UNet and text-encoder weight of `other` (same architecture) into this model."""
@@ -395,6 +411,9 @@ class T2IModel:
         if name not in PARAM_GROUPS:
             raise UnknownNameError("parameter group", name, list(PARAM_GROUPS))
         named = dict(self.unet.named_parameters())
+        if name.endswith(LINEAR_CONV):
+            layers = self.linear_conv_parameter_names()
+            return {n: p for n, p in self.param_group(name.removesuffix(LINEAR_CONV)).items() if n in layers}
         if name == "full":
             return named
         if name == "xattn":
@@ -402,6 +421,14 @@ class T2IModel:
         if name == "xattn-kv":
             return {n: p for n, p in named.items() if ".attn2.to_k." in n or ".attn2.to_v." in n}
         return {n: p for n, p in named.items() if ".attn2." not in n}
+
+    def linear_conv_parameter_names(self) -> set[str]:
+        """Names of the UNet parameters owned by Linear or Conv layers (diffusers' LoRA-compatible
+        layers subclass them), i.e. everything but norm layers' affine weights."""
+        return {f"{module_name}.{n}" if module_name else n
+                for module_name, module in self.unet.named_modules()
+                if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+                for n, _ in module.named_parameters(recurse=False)}
 
     def set_trainable(self, group: str) -> dict[str, nn.Parameter]:
         params = self.param_group(group)
@@ -527,8 +554,9 @@ class T2IModel:
                ) -> torch.Tensor:
         """Deterministic DDIM with classifier-free guidance, cond and uncond in one forward.
 
-        `stop_at` returns the intermediate x_t after the step that reaches timestep <= stop_at
-        (ESD and SDD train on such states); otherwise the final images in [-1, 1].
+        `stop_at` returns the first state of the trajectory whose timestep is <= stop_at (the
+        initial noise when stop_at >= the first DDIM timestep; ESD and SDD train on such states);
+        otherwise the final images in [-1, 1].
         """
         steps = steps or int(self.meta.get("sample_steps", 25))
         guidance = self.guidance_scale if guidance is None else float(guidance)
@@ -546,6 +574,8 @@ class T2IModel:
         uncond = self.encode([""]).expand_as(cond)
         both = torch.cat([uncond, cond])
         timesteps = self.ddim_timesteps(steps)
+        if stop_at is not None and timesteps[0] <= stop_at:
+            return x  # zero steps: the initial noise is already at the first timestep
         clip = self.vae is None
         for i, t in enumerate(timesteps):
             tt = torch.full((2 * x.shape[0],), t, device=self.device, dtype=torch.long)

@@ -221,8 +221,8 @@ class UnlearningTask:
         if items:
             self.images(items, indices)
 
-    def masks(self, items: list[Item], indices: list[int]) -> np.ndarray | None:
-        return self.source.masks(items, indices, self.image_size)
+    def masks(self, items: list[Item], indices: list[int], concept: str) -> np.ndarray | None:
+        return self.source.masks(items, indices, self.image_size, concept)
 
     def to_dict(self) -> dict:
         return {"forget": self.forget, "retain": self.retain, "concept_set": self.concept_set.describe(),

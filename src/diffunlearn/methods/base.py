@@ -74,6 +74,14 @@ class Method:
         """Cost figures the shared loop cannot see (retrain's pretraining); they override the loop's."""
         return {}
 
+    def final_weights(self) -> dict[str, torch.Tensor] | None:
+        """The weights the run delivers instead of the trained ones, by trained-group name; None
+        (the default) delivers the trained weights. SDD returns its EMA, as the official
+        `train_sdd.py` saves `unet_teacher`. The erase run copies them into the model once, after
+        training (a resumed run too, from the restored `extra_state`), before saving and before
+        the 'after' evaluation; it must not change the state a checkpoint resumes from."""
+        return None
+
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Method-owned tensors that a resumed run needs (masks, EMA teachers)."""
         return {}

@@ -111,6 +111,7 @@ def _execute_erase(resolved: ResolvedRun, loaded: _Loaded, out: Path, progress: 
         result = run_loop(params, method.step, loop_cfg, checkpoint_dir=out / "checkpoint",
                           hooks=[lambda step: tracker(dict(model.unet.named_parameters()))],
                           extra_state=method.extra_state, load_extra_state=method.load_extra_state)
+    _deliver_final_weights(method, params)
     write_curves(out / "curves.csv", result.curves)
     if result.hook_rows:
         write_curves(out / "diagnostics.csv", result.hook_rows)
@@ -143,6 +144,17 @@ def _execute_erase(resolved: ResolvedRun, loaded: _Loaded, out: Path, progress: 
     remove_checkpoint(out)
     log.info("done: %s", json.dumps({k: metrics.get("after", {}).get(k) for k in ("UA", "IRA", "CRA", "SFID")}))
     return Run(out, resolved.run_id, config, metrics)
+
+
+def _deliver_final_weights(method, params) -> None:
+    """Replace the trained weights with the ones the method delivers (SDD: its EMA), if any."""
+    final = method.final_weights()
+    if final:
+        import torch
+
+        with torch.no_grad():
+            for name, value in final.items():
+                params[name].copy_(value)
 
 
 def _closed_form(method):
