@@ -183,7 +183,7 @@ def test_ca_noise_from_forget_images_ascends_the_denoising_loss(tiny_model_dir, 
     ascent = -(pred - fixed.noise).flatten(1).norm(dim=1).mean()
     ascent.backward()
     for n, p in params.items():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
     assert any(p.grad.abs().sum() > 0 for p in params.values())
     # the Kumari reading (anchor images) is relabelling and keeps descending
     anchor = resolve_erase("ca-noise", ["dotted"], model=tiny_model_dir).method_config

@@ -157,7 +157,7 @@ def test_erase_saves_and_evaluates_the_ema(tiny_model_dir, tiny_evaluator_dir, t
     monkeypatch.setattr(SDD, "final_weights", recording_final)
     monkeypatch.setattr(erase_run, "_evaluate", recording_evaluate)
     run = diffunlearn.erase("sdd", ["dotted"], model=tiny_model_dir, out=tmp_path / "run", progress=False,
-                            overrides=[*ERASE, f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL])
+                            overrides=[*ERASE, f"eval.evaluator=canvas:{tiny_evaluator_dir}", *TINY_EVAL])
     (ema,), (after,) = delivered, evaluated
     saved = saved_unet(run.out)
     assert set(saved) == set(ema)
