@@ -98,7 +98,7 @@ def draw_batch(backend: Backend, task: UnlearningTask, source: ImageSource, n: i
     import torch
 
     images, prompts = sample_items(task, source, n, gen)
-    x0 = backend.to_model_space(images.to(backend.device))
+    x0 = backend.to_model_space(images.to(backend.device), generator=gen)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     t = torch.randint(0, backend.num_train_timesteps, (n,), generator=gen).to(x0.device)
     return TermBatch(x0, noise, t, prompts)

@@ -210,7 +210,7 @@ def _generate(model: T2IModel, plan: list[PlanItem], eval_cfg: EvalConfig, guida
         batch = plan[start : start + size]
         chunks.append(model.sample([it.prompt for it in batch], [it.seed for it in batch],
                                    steps=eval_cfg.steps, guidance=guidance, batch_size=size).float().cpu())
-    return torch.cat(chunks) if chunks else torch.zeros(0, *model.image_shape)
+    return torch.cat(chunks) if chunks else torch.zeros(0, 3, model.pixel_size, model.pixel_size)
 
 
 def _class_index(evaluators: Evaluators, domain: str, concept: str) -> int:

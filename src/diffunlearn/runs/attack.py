@@ -81,7 +81,7 @@ def _execute_attack(resolved, out: Path, threads: int | None, progress: bool) ->
         original = model if same else T2IModel.from_pretrained(resolved.original_dir)
         t = resolved.task
         task = UnlearningTask.create(t.forget, t.retain, t.images_per_pair, t.seed, t.anchor_scheme,
-                                     image_size=model.image_shape[-1])
+                                     image_size=model.pixel_size)
         attack_obj = attacks.get(resolved.attack)(c, model, task, original=original)
         data = attack_obj.prepare()
         shown = sorted(data.concepts() & set(task.forget))

@@ -59,7 +59,7 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
         model.autocast = resolved.method_config.bf16
         t = resolved.task
         task = UnlearningTask.create(t.forget, t.retain, t.images_per_pair, t.seed, t.anchor_scheme,
-                                     image_size=model.image_shape[-1])
+                                     image_size=model.pixel_size)
         method_cls = methods.get(resolved.method)
         method = method_cls(resolved.method_config, model, task)
         steps = method.resolved_steps()

@@ -8,7 +8,6 @@ from pathlib import Path
 from diffunlearn.runs.common import Run
 from diffunlearn.runs.erase import erase
 
-
 DEMO_METHOD = "core"
 DEMO_CONCEPT = "dotted"
 
