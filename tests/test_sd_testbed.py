@@ -183,3 +183,22 @@ def test_pretrain_testbed_sd_runs_every_stage_and_resumes(tmp_path, one_thread):
     again = pretrain_testbed_sd(cfg, tmp_path, progress=False)
     assert again.meta["resumed_from_step"] == 3  # nothing left to train
     assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+
+
+def test_erase_and_attack_end_to_end_on_a_latent_model(tiny_sd_model_dir, tiny_evaluator_dir, tmp_path, one_thread):
+    """erase -> evaluate (on decoded 16x16 images) -> attack with generated data, on the SD layout."""
+    from conftest import TINY_EVAL
+
+    import diffunlearn
+
+    evaluation = [f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
+    erased = diffunlearn.erase("core", ["checkered"], model=tiny_sd_model_dir, out=tmp_path / "erase",
+                               overrides=["method.epochs=null", "method.steps=2", "method.batch_size=2",
+                                          "task.images_per_pair=1", *evaluation], progress=False)
+    assert erased.metrics["method"] == "core"
+    for phase in ("before", "after"):
+        assert 0 <= erased.metrics[phase]["UA"] <= 100 and erased.metrics[phase]["FID"] is not None
+    attacked = diffunlearn.attack("relearn", tmp_path / "erase", progress=False,
+                                  overrides=["attack.steps=2", "attack.batch_size=2", "attack.data=generated",
+                                             "attack.generation_steps=2", *evaluation])
+    assert attacked.metrics["summary"]["steps"] == 2 and attacked.metrics["summary"]["moved"] > 0

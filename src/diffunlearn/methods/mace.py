@@ -120,7 +120,8 @@ class MACE(Method):
         pairs = [p for p in self.task.forget_pairs() if concept in p]
         pick = torch.randint(0, len(pairs) * self.task.images_per_pair, (self.cfg.batch_size,), generator=gen)
         items = [(pairs[int(i) // self.task.images_per_pair], int(i) % self.task.images_per_pair) for i in pick]
-        x0 = torch.stack([torch.from_numpy(self.task.pair_images(p)[i]) for p, i in items]).to(self.backend.device)
+        images = torch.stack([torch.from_numpy(self.task.pair_images(p)[i]) for p, i in items])
+        x0 = self.backend.to_model_space(images.to(self.backend.device), generator=gen)
         masks = torch.stack([concept_mask(self.task, p, i, concept, self.cfg.mask_source) for p, i in items])
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         t = self.lora_timesteps(len(items), gen).to(x0.device)
