@@ -102,6 +102,7 @@ def test_shipped_model_names(empty_cwd, tiny_model_dir):
     _assert_one_line_error(invoke("erase", "core", "--forget", "dotted", "--model", "testbd"),
                            "unknown model 'testbd'", "did you mean 'testbed'", "valid models: testbed, testbed-sd")
     _assert_one_line_error(invoke("evaluate", "--model", "sd-testbed", "--forget", "dotted"), "unknown model")
+    _assert_one_line_error(invoke("pretrain", "model", "--kind", "sd"), "unknown model kind 'sd'", "testbed-sd")
     assert not any(empty_cwd.iterdir())
     listing = invoke("ls", "models")
     assert listing.exit_code == 0
