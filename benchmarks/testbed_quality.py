@@ -1,6 +1,6 @@
 """Quality of a testbed model's generations, per concept, for a few guidance scales.
 
-    python benchmarks/testbed_quality.py [--model DIR] [--guidance 2,3,4,5] [--per-pair 3]
+    python benchmarks/testbed_quality.py [--model DIR|testbed-sd] [--guidance 2,3,4,5] [--per-pair 3]
 
 Every (style, object) pair's full prompt is sampled with fixed seeds and classified by the
 shipped evaluators; prints the mean accuracy per domain, the worst concepts, and the
@@ -19,7 +19,7 @@ from diffunlearn.backends.diffusers_t2i import T2IModel
 from diffunlearn.data import canvas
 from diffunlearn.metrics.classifier import Evaluators, accuracy
 from diffunlearn.pretrain import generation_quality
-from diffunlearn.runs.resolve import default_model_dir
+from diffunlearn.runs.resolve import default_model_dir, model_folder
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, evaluators = T2IModel.from_pretrained(args.model), Evaluators.load()
+    model, evaluators = T2IModel.from_pretrained(model_folder(args.model)), Evaluators.load()
 
     pairs = [(s, o) for s in canvas.ALL_STYLES for o in canvas.ALL_OBJECTS for _ in range(10)]
     real, _ = canvas.render_batch(pairs, [canvas.HELDOUT_OFFSET + 100 + i % 10 for i in range(len(pairs))])

@@ -127,3 +127,40 @@ class CanvasStandIn:
             pairs.append((style, obj))
         images = canvas.render_batch(pairs, [int(s) % 100_000 for s in seeds], seed=7, size=16)[0]
         return torch.from_numpy(images)
+
+
+# ---- the Stable Diffusion-layout testbed at toy size (untrained) ----------------------------------
+
+TINY_SD_ARCH = {
+    "image_size": 16, "channels": [16, 32], "attention_from": 1, "layers_per_block": 1, "heads": 1,
+    "norm_groups": 8, "text_dim": 32, "text_layers": 1, "beta_schedule": "squaredcos_cap_v2", "guidance_scale": 3.0,
+}
+TINY_VAE_ARCH = {"image_size": 16, "channels": [8, 16], "layers_per_block": 1, "latent_channels": 4, "norm_groups": 8,
+                 "mid_attention": True}
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir(tmp_path_factory):
+    """The testbed-sd CLIP tokenizer as the shipped recipe builds it (context 16 to keep tests fast)."""
+    from diffunlearn.backends.sd_testbed import build_clip_tokenizer
+
+    return build_clip_tokenizer(tmp_path_factory.mktemp("clip-tokenizer"), model_max_length=16)
+
+
+def build_tiny_sd_model(tokenizer_dir, seed: int = 0):
+    import torch
+
+    from diffunlearn.backends.sd_testbed import build_testbed_sd, build_vae
+
+    torch.manual_seed(seed)
+    vae = build_vae(TINY_VAE_ARCH)
+    vae.register_to_config(scaling_factor=0.5)
+    return build_testbed_sd(tokenizer_dir, vae, TINY_SD_ARCH)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_model_dir(tmp_path_factory, clip_tokenizer_dir):
+    """A saved tiny testbed-sd folder (random weights), usable anywhere a --model path is accepted."""
+    path = tmp_path_factory.mktemp("tiny-sd") / "model"
+    build_tiny_sd_model(clip_tokenizer_dir).save_pretrained(path)
+    return path

@@ -91,6 +91,24 @@ def test_missing_and_corrupt_model_folder(empty_cwd, tiny_model_dir):
     assert sorted(p.relative_to(empty_cwd) for p in empty_cwd.rglob("*")) == before
 
 
+def test_shipped_model_names(empty_cwd, tiny_model_dir):
+    """`--model testbed` / `testbed-sd` name the shipped folders; an unknown name that is not a
+    path is one line listing them; a path with a separator is still a path."""
+    from diffunlearn.runs.resolve import ASSETS, model_folder
+
+    assert model_folder("testbed") == model_folder(None) == ASSETS / "testbed"
+    assert model_folder("testbed-sd") == ASSETS / "testbed-sd"
+    assert model_folder(str(tiny_model_dir)) == tiny_model_dir
+    _assert_one_line_error(invoke("erase", "core", "--forget", "dotted", "--model", "testbd"),
+                           "unknown model 'testbd'", "did you mean 'testbed'", "valid models: testbed, testbed-sd")
+    _assert_one_line_error(invoke("evaluate", "--model", "sd-testbed", "--forget", "dotted"), "unknown model")
+    _assert_one_line_error(invoke("pretrain", "model", "--kind", "sd"), "unknown model kind 'sd'", "testbed-sd")
+    assert not any(empty_cwd.iterdir())
+    listing = invoke("ls", "models")
+    assert listing.exit_code == 0
+    assert str(ASSETS / "testbed") in listing.stdout and str(ASSETS / "testbed-sd") in listing.stdout
+
+
 def test_output_directory_holding_another_run(empty_cwd, tiny_model_dir):
     out = empty_cwd / "out"
     out.mkdir()
@@ -119,6 +137,7 @@ def test_validate_command(empty_cwd, tiny_model_dir):
 def test_bad_input_fails_fast_without_importing_torch(tiny_model_dir, tmp_path):
     _assert_exit_2_without_importing_torch([["erase", "nope", "--forget", "dotted"],
                                             ["erase", "core", "--forget", "doted", "--model", str(tiny_model_dir)],
+                                            ["erase", "core", "--forget", "dotted", "--model", "testbd"],
                                             ["validate", str(tmp_path / "missing.yaml")]])
 
 

@@ -20,15 +20,25 @@ SMOKE = {"retrain": ["method.pretrain_steps=2", "method.pretrain_images_per_pair
 
 @pytest.mark.parametrize("name", methods.names())
 def test_every_method_trains_only_its_group_and_round_trips(name, tiny_model_dir, tmp_path):
+    _trains_only_its_group_and_round_trips(name, tiny_model_dir, "dotted", tmp_path)
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_every_method_runs_on_a_latent_model_and_a_multi_token_concept(name, tiny_sd_model_dir, tmp_path):
+    """The Stable Diffusion layout (VAE latents, CLIP BPE): `checkered` is two tokens there."""
+    _trains_only_its_group_and_round_trips(name, tiny_sd_model_dir, "checkered", tmp_path)
+
+
+def _trains_only_its_group_and_round_trips(name, model_dir, concept, tmp_path):
     from diffunlearn.backends.diffusers_t2i import T2IModel
 
     steps = [] if methods.get(name).closed_form else ["method.steps=3", "method.epochs=null"]
-    resolved = resolve_erase(name, ["dotted"], model=tiny_model_dir,
+    resolved = resolve_erase(name, [concept], model=model_dir,
                              overrides=[*steps, "method.batch_size=2", "task.images_per_prompt=1",
                                         *SMOKE.get(name, [])])
-    assert resolved.profile == "testbed"  # built by build_testbed, so a testbed-kind model
-    model = T2IModel.from_pretrained(tiny_model_dir)
-    task = UnlearningTask.create(["dotted"], images_per_prompt=1)
+    assert resolved.profile == "testbed"  # built by build_testbed(_sd), so a testbed-kind model
+    model = T2IModel.from_pretrained(model_dir)
+    task = UnlearningTask.create([concept], images_per_prompt=1, image_size=model.pixel_size)
     method = methods.get(name)(resolved.method_config, model, task)
     before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
     params = model.set_trainable(method.param_group())

@@ -116,7 +116,8 @@ def split_names(value: str | None) -> list[str] | None:
 
 ForgetOpt = Annotated[str | None, typer.Option("--forget", "-f", help="Concept(s) to erase, comma-separated.")]
 ModelOpt = Annotated[Path | None, typer.Option(
-    "--model", "-m", help="Model folder (diffusers layout) or an erase run's directory; default: the shipped testbed.")]
+    "--model", "-m", help="A shipped model's name (testbed, testbed-sd: `diffunlearn ls models`), a model folder "
+                          "(diffusers layout) or an erase run's directory; default: the shipped testbed.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads, at least 1 (not part of the "
                                                                   "run id).")]
 ConceptsOpt = Annotated[str | None, typer.Option(
@@ -263,13 +264,20 @@ def evaluate(
 
 
 @app.command("ls")
-def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | metrics | evaluators")],
+def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | metrics | evaluators | models")],
        concepts: ConceptsOpt = None) -> None:
     """List the registered methods, the attacks and their options, a concept set's concepts (the canvas,
-    or --concepts FILE), the metrics, or the evaluators (`eval.evaluator=NAME[:PATH]`)."""
+    or --concepts FILE), the metrics, the evaluators (`eval.evaluator=NAME[:PATH]`), or the shipped models
+    (their `--model` names and folders)."""
     from diffunlearn.methods import methods
 
-    if what == "methods":
+    if what == "models":
+        from diffunlearn.runs.resolve import SHIPPED_MODELS
+
+        for name, (folder, text) in SHIPPED_MODELS.items():
+            missing = "" if (folder / "unet" / "config.json").exists() else " [not installed]"
+            typer.echo(f"{name:12s} {folder}{missing}\n{'':12s} {text}")
+    elif what == "methods":
         for name in methods.names():
             typer.echo(f"{name:14s} {methods.help(name)}")
     elif what == "concepts":
@@ -297,7 +305,7 @@ def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | 
         typer.echo(f"{'none':12s} no evaluator: runs still erase, save and write samples; metrics are not computed")
         typer.echo("FID/KID features: eval.fid_features=evaluator | inception:FILE.pth | none")
     else:
-        fail(f"unknown listing '{what}'; valid: methods, attacks, concepts, metrics, evaluators")
+        fail(f"unknown listing '{what}'; valid: methods, attacks, concepts, metrics, evaluators, models")
 
 
 @app.command()
@@ -330,27 +338,66 @@ def load_recipe(model_cls, default_name: str, config: Path | None, overrides: li
                                                             overrides or [])))
 
 
+MODEL_KINDS = ("testbed", "testbed-sd")
+
+
 @pretrain_app.command("model")
 def pretrain_model(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path("runs/pretrain-model"),
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Default: the committed recipe.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Output folder (resumable); default runs/pretrain-model[-sd].")] = None,
+    kind: Annotated[str, typer.Option(
+        "--kind", help="testbed: the pixel-space model (configs/pretrain-model.yaml); testbed-sd: Stable Diffusion "
+                       "layout (configs/pretrain-model-sd.yaml: VAE first, in OUT/vae-stage, then tokenizer, UNet "
+                       "and text encoder).")] = "testbed",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Default: the kind's committed recipe.")
+                      ] = None,
     threads: ThreadsOpt = None,
     install: Annotated[bool, typer.Option(help="Copy the result into the package's assets.")] = False,
     overrides: OverridesArg = None,
 ) -> None:
-    """Train the testbed text-to-image model (UNet + text encoder) from the committed recipe."""
-    from diffunlearn.config import PretrainModelConfig
+    """Train a testbed text-to-image model (UNet + text encoder; testbed-sd: and its VAE) from the committed recipe."""
+    from diffunlearn.config import PretrainModelConfig, PretrainSDModelConfig
 
     guarded(lambda: check_threads(threads))
-    cfg = load_recipe(PretrainModelConfig, "pretrain-model.yaml", config, overrides)
+    if kind not in MODEL_KINDS:
+        fail(f"unknown model kind '{kind}'; valid kinds: {', '.join(MODEL_KINDS)}")
+    sd = kind == "testbed-sd"
+    cfg = load_recipe(PretrainSDModelConfig if sd else PretrainModelConfig,
+                      "pretrain-model-sd.yaml" if sd else "pretrain-model.yaml", config, overrides)
+    out = out or Path("runs/pretrain-model-sd" if sd else "runs/pretrain-model")
     from diffunlearn.pretrain import install_assets
     from diffunlearn.pretrain import pretrain_model as train
     from diffunlearn.runs.resolve import ASSETS
 
-    guarded(lambda: train(cfg, out, threads, progress=sys.stderr.isatty()))
+    if sd:
+        from diffunlearn.pretrain_sd import pretrain_testbed_sd
+
+        guarded(lambda: pretrain_testbed_sd(cfg, out, threads, progress=sys.stderr.isatty()))
+    else:
+        guarded(lambda: train(cfg, out, threads, progress=sys.stderr.isatty()))
     if install:
-        install_assets(out / "model", None, ASSETS)
+        install_assets(out / "model", None, ASSETS, model_name=kind)
     typer.echo(f"model written to {out / 'model'}")
+
+
+@pretrain_app.command("vae")
+def pretrain_vae(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable); `pretrain model --kind "
+                                      "testbed-sd --out D` reuses D/vae-stage.")
+                   ] = Path("runs/pretrain-model-sd/vae-stage"),
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Default: configs/pretrain-model-sd.yaml "
+                                                "(its `vae` section).")] = None,
+    threads: ThreadsOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Train testbed-sd's autoencoder alone and report its reconstructions' evaluator accuracy (overrides: vae.*)."""
+    from diffunlearn.config import PretrainSDModelConfig
+
+    cfg = load_recipe(PretrainSDModelConfig, "pretrain-model-sd.yaml", config, overrides)
+    from diffunlearn.pretrain_sd import pretrain_vae as train
+
+    _, figures = train(cfg.vae, out, threads, progress=sys.stderr.isatty())
+    typer.echo(f"vae written to {out / 'vae'}: {figures}")
 
 
 @pretrain_app.command("evaluators")

@@ -443,3 +443,60 @@ class PretrainEvaluatorConfig(StrictModel):
     noise_std: float = 0.08
     feature_dim: int = 32
     width: int = 32
+
+
+# ---- the Stable Diffusion-layout testbed (testbed-sd) ------------------------------------------
+
+class SDTokenizerConfig(StrictModel):
+    vocab_size: int = Field(1280, ge=600, description="CLIP-format vocabulary: 512 byte symbols, the merges, "
+                            "2 specials")
+    max_token_length: int | None = Field(8, ge=2, description="longest merged token (characters): longer "
+                                         "concept names stay several tokens; null: no cap")
+    context_length: int = Field(77, ge=8, description="tokens per prompt (model_max_length; Stable Diffusion: 77)")
+
+
+class VAEArch(StrictModel):
+    image_size: int = 16
+    channels: list[int] = Field([32, 64], description="one entry per resolution; each after the first halves it")
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_groups: int = 8
+    mid_attention: bool = True
+
+
+class PretrainVAEConfig(StrictModel):
+    arch: VAEArch = VAEArch()
+    seed: int = 0
+    images_per_pair: int = 100
+    heldout_per_pair: int = 10
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    kl_weight: float = Field(1e-4, ge=0, description="weight of the KL term per latent value (reconstruction: "
+                             "mean absolute error per pixel value)")
+    checkpoint_every: int = 500
+
+
+class SDArch(StrictModel):
+    image_size: int = 16
+    channels: list[int] = [32, 64, 64]
+    attention_from: int = Field(1, ge=0, description="first UNet level (0: the full latent grid) with "
+                                "cross-attention")
+    layers_per_block: int = 1
+    heads: int = Field(2, description="attention heads (diffusers' attention_head_dim)")
+    norm_groups: int = 8
+    text_dim: int = 64
+    text_layers: int = 2
+    beta_schedule: Literal["squaredcos_cap_v2", "scaled_linear", "linear"] = "squaredcos_cap_v2"
+    guidance_scale: float = 3.0
+
+
+class PretrainSDModelConfig(StrictModel):
+    """testbed-sd's recipe: the VAE (trained first, then frozen), the tokenizer, then the UNet
+    and text encoder on the shared pretraining data and loop settings."""
+
+    tokenizer: SDTokenizerConfig = SDTokenizerConfig()
+    vae: PretrainVAEConfig = PretrainVAEConfig()
+    arch: SDArch = SDArch()
+    data: PretrainData = PretrainData()
+    train: PretrainTrain = PretrainTrain()

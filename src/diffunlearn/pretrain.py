@@ -31,6 +31,17 @@ def render_pool(pairs: list[tuple[str, str]], per_pair: int, seed: int, offset: 
     return torch.from_numpy(images), flat_pairs
 
 
+def encode_pool(model: T2IModel, images: torch.Tensor, seed: int, batch_size: int = 1024) -> torch.Tensor:
+    """The training pool in the space the UNet denoises, computed once before training: scaled
+    VAE latents for a latent model (one seeded posterior sample per image, instead of a VAE
+    encoder pass at every step), the images themselves in pixel space."""
+    if model.vae is None:
+        return images
+    generator = torch.Generator().manual_seed(seed)
+    return torch.cat([model.to_model_space(images[i : i + batch_size], generator=generator)
+                      for i in range(0, len(images), batch_size)])
+
+
 def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None) -> torch.Tensor:
     """Per-timestep weights min(SNR, gamma) / SNR of the epsilon loss (Min-SNR-gamma).
 
@@ -49,13 +60,14 @@ def training_pairs(exclude: list[str]) -> list[tuple[str, str]]:
 
 def pretrain_model(cfg: PretrainModelConfig, out: Path, threads: int | None = None,
                    progress: bool = True, like: T2IModel | None = None,
-                   train_text_encoder: bool | None = None) -> T2IModel:
+                   train_text_encoder: bool | None = None, fresh: T2IModel | None = None) -> T2IModel:
     """Train the testbed model; resumable from `out/checkpoint`.
 
     `like`: train a fresh UNet of that model's architecture instead of `cfg.arch` (retrain),
     keeping `like`'s text encoder frozen, as retraining Stable Diffusion keeps its CLIP text
-    encoder. `train_text_encoder` (default: only when building from `cfg.arch`) trains a fresh
-    text encoder jointly with the UNet, as the shipped model was made.
+    encoder. `fresh`: train this newly built model instead of `cfg.arch` (testbed-sd,
+    pretrain_sd.py). `train_text_encoder` (default: only when building a new model) trains a
+    fresh text encoder jointly with the UNet, as the shipped models were made.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -64,10 +76,13 @@ def pretrain_model(cfg: PretrainModelConfig, out: Path, threads: int | None = No
         train_text_encoder = like is None
     if like is not None:
         model = like.reinitialized(cfg.train.seed, keep_text_encoder=not train_text_encoder)
+    elif fresh is not None:
+        model = fresh
     else:
         model = build_testbed(canvas.vocabulary(), cfg.arch.model_dump())
     pairs = training_pairs(cfg.data.exclude)
-    pool, pool_pairs = render_pool(pairs, cfg.data.images_per_pair, cfg.data.seed, size=model.image_shape[-1])
+    pool, pool_pairs = render_pool(pairs, cfg.data.images_per_pair, cfg.data.seed, size=model.pixel_size)
+    pool = encode_pool(model, pool, cfg.data.seed)
     text_encoder, unet = model.text_encoder, model.unet
     text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
     unet.train()
@@ -178,20 +193,22 @@ def _accuracy(evaluators: Evaluators, images: torch.Tensor, names: list[str], do
     return round(accuracy(evaluators, images, names, domain), 4)
 
 
-def install_assets(model_dir: Path | None, evaluator_dir: Path | None, assets: Path) -> None:
-    """Copy trained artefacts into the package's assets and record their hashes."""
+def install_assets(model_dir: Path | None, evaluator_dir: Path | None, assets: Path,
+                   model_name: str = "testbed") -> None:
+    """Copy trained artefacts into the package's assets (the model as `model_name`: testbed or
+    testbed-sd) and record their hashes."""
     from diffunlearn.backends.model_dir import hash_files
 
     manifest_path = assets / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    for name, src in (("testbed", model_dir), ("evaluators", evaluator_dir)):
+    for name, src in ((model_name, model_dir), ("evaluators", evaluator_dir)):
         if src is None:
             continue
         dst = assets / name
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint", "*.tmp"))
-        for record in ("pretrain-config.yaml", "pretrain-curves.csv", "evaluator-curves.csv"):
+        for record in ("pretrain-config.yaml", "pretrain-curves.csv", "evaluator-curves.csv", "vae-curves.csv"):
             if (src.parent / record).exists():  # the recipe and curves that produced it
                 shutil.copy(src.parent / record, dst / record)
         files = sorted(p for p in dst.rglob("*") if p.is_file())

@@ -86,8 +86,12 @@ class Attack:
     def prepare(self) -> AttackData:
         """Build the data once and move it to the model's device."""
         if self.data is None:
+            import torch
+
             data = self.build_data()
-            data.images = self.backend.to_model_space(data.images.to(self.backend.device))
+            # a latent model's posterior samples come from a seeded generator: a resumed attack encodes the same
+            latents = torch.Generator().manual_seed(self.task.seed)
+            data.images = self.backend.to_model_space(data.images.to(self.backend.device), generator=latents)
             data.info.setdefault("size", len(data))
             self.data = data
         return self.data

@@ -44,8 +44,9 @@ class Backend(Protocol):
     def token_positions(self, prompt: str, concept: str) -> list[int]:
         """Positions in the encoded sequence of the concept's word token(s)."""
 
-    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> the space the UNet denoises (identity in pixel space)."""
+    def to_model_space(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> the space the UNet denoises (identity in pixel space; scaled VAE
+        latents, a posterior sample drawn from `generator`, in latent space)."""
 
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean and std (None in pixel space) of the model-space distribution of images."""

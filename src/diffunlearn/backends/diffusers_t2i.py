@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -97,11 +98,28 @@ class HFTokenizer:
     def __init__(self, folder: Path):
         from transformers import CLIPTokenizer
 
+        self.folder = Path(folder)
         self._tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.max_length = self._tok.model_max_length
 
     def save(self, folder: Path) -> None:
-        self._tok.save_pretrained(str(folder))
+        """Copy the files it was read from: byte-identical, so a re-saved model keeps its hash."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder.resolve() == self.folder.resolve():
+            return
+        for source in sorted(p for p in self.folder.iterdir() if p.is_file()):
+            shutil.copyfile(source, folder / source.name)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    def token_id(self, token: str) -> int:
+        return self._tok.convert_tokens_to_ids(token)
+
+    def tokens(self, ids: Sequence[int]) -> list[str]:
+        return self._tok.convert_ids_to_tokens(list(ids))
 
     def ids(self, text: str, special: bool = True) -> list[int]:
         return self._tok(text, add_special_tokens=special)["input_ids"]
@@ -320,11 +338,20 @@ class T2IModel:
                 _drop_load_path(path / sub / "config.json")
             meta.pop("base", None)
             meta.pop("changed_params", None)
-        atomic_write_text(path / "model_index.json", json.dumps(
-            {"_class_name": "DiffunlearnT2I", "_diffusers_version": _diffusers_version(),
-             "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
+        atomic_write_text(path / "model_index.json", json.dumps(self._model_index(full=not changed_only), indent=2))
         atomic_write_text(path / META_FILE, json.dumps(meta, indent=2))  # written last: it makes the folder a model
+
+    def _model_index(self, full: bool) -> dict:
+        """diffusers' model_index.json: a full folder of a latent model with CLIP's tokenizer is a
+        Stable Diffusion folder (StableDiffusionPipeline loads it untouched, without a safety
+        checker); anything else is our own layout, read by `from_pretrained` only."""
+        components = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+                      "scheduler": ["diffusers", type(self.scheduler).__name__]}
+        if not (full and self.vae is not None and isinstance(self.tokenizer, HFTokenizer)):
+            return {"_class_name": "DiffunlearnT2I", "_diffusers_version": _diffusers_version(), **components}
+        return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(), **components,
+                "vae": ["diffusers", type(self.vae).__name__], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
 
     def content_hash(self) -> str:
         if self._hash is None:
@@ -351,11 +378,13 @@ class T2IModel:
         return []
 
     # ---- images and noise ----------------------------------------------------------------
-    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return images
-        with torch.no_grad():
-            return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+    def to_model_space(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> what the UNet denoises: scaled VAE latents (a posterior sample,
+        drawn from `generator` so that a resumed run draws the same), or the images themselves."""
+        mean, std = self.encode_moments(images)
+        if std is None:
+            return mean
+        return mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
 
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

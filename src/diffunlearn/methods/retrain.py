@@ -42,9 +42,12 @@ class Retrain(Method):
         return "full"
 
     def recipe(self):
-        from diffunlearn.config import CONFIG_DIR, PretrainModelConfig, load_yaml
+        from diffunlearn.config import CONFIG_DIR, PretrainModelConfig, PretrainSDModelConfig, load_yaml
 
-        recipe = PretrainModelConfig(**load_yaml(CONFIG_DIR / "pretrain-model.yaml"))
+        if self.backend.meta.get("kind") == "testbed-sd":  # its own recipe; the VAE and tokenizer are kept
+            recipe = PretrainSDModelConfig(**load_yaml(CONFIG_DIR / "pretrain-model-sd.yaml"))
+        else:
+            recipe = PretrainModelConfig(**load_yaml(CONFIG_DIR / "pretrain-model.yaml"))
         recipe.data.exclude = sorted(self.task.forget)
         if self.cfg.pretrain_steps:
             recipe.train.steps = self.cfg.pretrain_steps

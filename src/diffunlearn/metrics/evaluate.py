@@ -260,7 +260,7 @@ def _generate(model: T2IModel, plan: list[PlanItem], eval_cfg: EvalConfig, guida
         if out is None:
             out = torch.zeros(len(plan), *images.shape[1:])
         out[idx] = images
-    return out if out is not None else torch.zeros(0, *model.image_shape)
+    return out if out is not None else torch.zeros(0, 3, model.pixel_size, model.pixel_size)
 
 
 # ---- judging ---------------------------------------------------------------------------------

@@ -41,6 +41,13 @@ from diffunlearn.data.tasks import TaskError, build_anchor_map
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TESTBED_DIR = ASSETS / "testbed"
+# the models shipped inside the package, by the short names `--model` accepts; the first is the default
+SHIPPED_MODELS = {
+    "testbed": (TESTBED_DIR, "pixel-space UNet on 16x16 canvas images, word-level tokenizer (the default)"),
+    "testbed-sd": (ASSETS / "testbed-sd", "Stable Diffusion layout: AutoencoderKL latents 4x8x8, CLIP BPE "
+                   "tokenizer, UNet2DConditionModel; loads with StableDiffusionPipeline"),
+}
+TESTBED_KINDS = ("testbed", "testbed-sd")
 PROFILES = ("paper", "testbed")
 TOP_LEVEL_KEYS = ("method", "task", "eval", "model", "seed")
 MAX_THREADS = 1024
@@ -74,9 +81,24 @@ def default_model_dir() -> Path:
 
 
 def model_folder(path: str | Path | None) -> Path:
-    """The model folder a path stands for: a run directory stands for its model/ folder, once
-    the run is complete (a running one's model/ may be half written or belong to nothing yet)."""
-    path = Path(path) if path else default_model_dir()
+    """The model folder a `--model` value stands for: a shipped model's short name (`testbed`,
+    `testbed-sd`) its folder in the package, a run directory its model/ folder once the run is
+    complete (a running one's model/ may be half written or belong to nothing yet), any other
+    path itself. A value that is neither a shipped name nor an existing path but looks like a
+    name (no path separator) is an UnknownNameError listing the shipped models."""
+    if not path:
+        return default_model_dir()
+    text = str(path)
+    if not Path(text).exists():
+        if text in SHIPPED_MODELS:
+            return SHIPPED_MODELS[text][0]
+        if "/" not in text and "\\" not in text and not text.startswith("."):
+            from diffunlearn.registry import UnknownNameError
+
+            err = UnknownNameError("model", text, list(SHIPPED_MODELS))
+            err.message += " (or the path of a model folder or run directory)"
+            raise err
+    path = Path(text)
     marker = path / "run.json"
     if marker.is_file():
         info = read_marker(marker)
@@ -100,7 +122,9 @@ def read_marker(marker: Path) -> dict[str, Any] | None:
 
 
 def is_testbed(model_dir: Path, meta: dict) -> bool:
-    return meta.get("kind") == "testbed" or Path(model_dir).resolve() == TESTBED_DIR.resolve()
+    """A shipped testbed or a model trained by its recipe: the `testbed` profiles apply."""
+    return meta.get("kind") in TESTBED_KINDS or any(
+        Path(model_dir).resolve() == folder.resolve() for folder, _ in SHIPPED_MODELS.values())
 
 
 class ModelSection(StrictModel):
