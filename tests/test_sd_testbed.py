@@ -191,10 +191,10 @@ def test_erase_and_attack_end_to_end_on_a_latent_model(tiny_sd_model_dir, tiny_e
 
     import diffunlearn
 
-    evaluation = [f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
+    evaluation = [f"eval.evaluator=canvas:{tiny_evaluator_dir}", *TINY_EVAL]
     erased = diffunlearn.erase("core", ["checkered"], model=tiny_sd_model_dir, out=tmp_path / "erase",
                                overrides=["method.epochs=null", "method.steps=2", "method.batch_size=2",
-                                          "task.images_per_pair=1", *evaluation], progress=False)
+                                          "task.images_per_prompt=1", *evaluation], progress=False)
     assert erased.metrics["method"] == "core"
     for phase in ("before", "after"):
         assert 0 <= erased.metrics[phase]["UA"] <= 100 and erased.metrics[phase]["FID"] is not None
