@@ -16,6 +16,10 @@ METRIC_HELP = {
     "KID": "kernel inception distance on the same features (mean, std over subsets)",
     "precision": "k-NN manifold precision of retain generations (Kynkaanniemi et al. 2019)",
     "recall": "k-NN manifold recall of retain generations",
+    "erase_FID": "FID of forget generations against the original model's from the same seeds [003] (higher: erased)",
+    "preserve_FID": "FID of retain generations against the original model's from the same seeds [003] (lower: kept)",
+    "erase_ACC": "[003]'s erase ACC: AR_MU_top1, % of forget generations classified as the forget concept",
+    "preserve_ACC": "[003]'s preserve ACC: IRA, % of in-domain retain generations classified correctly",
     "weight_distance": "L2 distance and relative change of the trained weights from the original",
     "cost": "wall time, peak memory (RSS), optimizer steps",
 }

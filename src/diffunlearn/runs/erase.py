@@ -48,6 +48,7 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
     from diffunlearn.engine.loop import run_loop, write_curves
     from diffunlearn.methods import methods
     from diffunlearn.metrics.diagnostics import DistanceTracker, weight_distance
+    from diffunlearn.metrics.paired import paired_metrics
 
     out.mkdir(parents=True, exist_ok=True)
     handler = attach_log(out / "log.txt")
@@ -115,6 +116,7 @@ def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progre
         if evaluators is not None:
             after = _evaluate(model, evaluators, task.forget, resolved, alternatives, before, progress)
             metrics["before"], metrics["after"] = before.metrics, after.metrics
+            metrics["paired"] = paired_metrics(before, after, evaluators)
             save_samples(out / "samples.png", before, after)
         write_json(out / "metrics.json", metrics)
         write_run_marker(out, resolved.run_id, "erase", "complete")

@@ -1,0 +1,138 @@
+"""The one entry point every executor calls to run one grid node.
+
+    python -m diffunlearn.bench.worker SPEC.json      # local processes
+    run_node(spec)                                    # in-process: Ray tasks, submitit jobs
+
+It takes the node's lock (`<out>.lock`, so two processes or hosts never run the same run
+directory at once), runs the node through the public API (`diffunlearn.erase`, `.attack`,
+`.evaluate`; finished runs are skipped, interrupted ones resume), reads its figures, writes
+the record file beside the grid and records it in the store. Exit status: 0 done, 1 failed
+(the error is recorded), 75 the node is being run elsewhere (its lock is held).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+EXIT_BUSY = 75
+
+
+class NodeBusy(RuntimeError):
+    """Another process (or host) holds this node's lock."""
+
+
+@contextmanager
+def node_lock(out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_name(out.name + ".lock")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NodeBusy(f"{out} is being run by another process") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def record_path(spec: dict[str, Any]) -> Path:
+    return Path(spec["records"]) / (spec["node"].replace("/", "__") + ".json")
+
+
+def run_node(spec: dict[str, Any], raise_on_failure: bool = True) -> dict[str, Any]:
+    """Run one node and return its record (status complete or failed). Raises NodeBusy when the
+    node is locked elsewhere, and (with `raise_on_failure`) RuntimeError after recording a failure,
+    so that Ray and submitit see the task fail and retry it."""
+    from diffunlearn.bench.store import Store, host_name
+
+    out = Path(spec["out"])
+    store = Store(spec["store"]) if spec.get("store") else None
+    record = {k: v for k, v in spec.items() if k not in ("overrides", "store", "records", "threads", "est_seconds",
+                                                         "attack_model", "attack_forget")}
+    with node_lock(out):
+        started = time.time()
+        record.update(host=host_name(), started=started, status="running")
+        if store is not None:
+            store.mark(spec["recipe"], spec["node"], "running", host=record["host"], started=started, spec=spec["spec"])
+        try:
+            run_id, config = _execute(spec, out)
+            from diffunlearn.bench.extract import curves, run_figures
+
+            figures = run_figures(out, spec["kind"])
+            finished = time.time()
+            figures["seconds"] = round(finished - started, 2)
+            record.update(status="complete", run_id=run_id or spec.get("run_id"), config=config,
+                          finished=finished, seconds=figures["seconds"], metrics=figures,
+                          curves=curves(out, spec["kind"]), error=None)
+        except Exception as err:  # recorded, then re-raised for the executor's retry policy
+            record.update(status="failed", finished=time.time(), seconds=round(time.time() - started, 2),
+                          error=f"{type(err).__name__}: {err}"[:2000], metrics={}, curves=[],
+                          traceback=traceback.format_exc()[-4000:])
+        _save_record(spec, record)
+        if store is not None:
+            store.record(record)
+    if record["status"] == "failed" and raise_on_failure:
+        raise RuntimeError(f"{spec['node']}: {record['error']}")
+    return record
+
+
+def _execute(spec: dict[str, Any], out: Path) -> tuple[str | None, dict | None]:
+    import diffunlearn
+
+    threads = spec.get("threads")
+    kind, overrides = spec["kind"], list(spec.get("overrides") or [])
+    if kind == "erase":
+        run = diffunlearn.erase(spec["method"], spec["concepts"], model=spec.get("model"), out=out,
+                                overrides=overrides, threads=threads, progress=False)
+        return run.run_id, run.config
+    if kind == "attack":
+        run = diffunlearn.attack(spec["attack_name"], spec["attack_model"], forget=spec.get("attack_forget"),
+                                 out=out, overrides=overrides, threads=threads, progress=False)
+        return run.run_id, run.config
+    if kind == "evaluate":
+        if (out / "evaluation.json").is_file():
+            metrics = json.loads((out / "evaluation.json").read_text())
+        else:
+            metrics = diffunlearn.evaluate(spec.get("model"), spec["concepts"], out=out, overrides=overrides,
+                                           threads=threads, progress=False)
+        return spec.get("run_id"), {"model": metrics.get("model"), "eval": metrics.get("eval")}
+    raise ValueError(f"unknown node kind {kind!r}")
+
+
+def _save_record(spec: dict[str, Any], record: dict[str, Any]) -> None:
+    from diffunlearn.io import atomic_write_text
+
+    path = record_path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m diffunlearn.bench.worker SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        record = run_node(spec, raise_on_failure=False)
+    except NodeBusy as err:
+        print(f"busy: {err}", file=sys.stderr)
+        return EXIT_BUSY
+    if record["status"] != "complete":
+        print(f"failed: {record['error']}", file=sys.stderr)
+        print(record.get("traceback", ""), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Benchmark grids without running a model: recipes, expansion, claims, the store, the runner's
+order and skipping (with a fake executor), report escaping."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+from bench_helpers import fake_record, tiny_recipe
+from typer.testing import CliRunner
+
+from diffunlearn.bench import expand, load_recipe, shipped_recipes
+from diffunlearn.bench.claims import FAILS, HOLDS, INCONCLUSIVE, NO_DATA, Interval, evaluate_claim, t_quantile
+from diffunlearn.bench.costs import grid_minutes
+from diffunlearn.bench.grid import run_grid
+from diffunlearn.bench.recipe import Claim
+from diffunlearn.bench.store import Store
+from diffunlearn.cli import app
+
+runner = CliRunner()
+
+
+# ---- recipes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_every_shipped_recipe_validates_expands_and_states_its_size(name, tmp_path):
+    recipe = load_recipe(name)
+    assert recipe.claims, f"{name} states no claim"
+    nodes = expand(recipe, tmp_path)
+    assert len(nodes) == recipe.estimate.runs, "estimate.runs must match the expansion"
+    minutes = grid_minutes(nodes, jobs=2)
+    assert recipe.estimate.minutes == pytest.approx(minutes, rel=0.1, abs=1.0), f"estimate: ~{minutes:.0f} min"
+    assert minutes <= (15 if name == "quick" else 120), "a recipe's default grid must fit its time budget"
+    assert len({n.node for n in nodes}) == len(nodes)
+    order = {n.node: i for i, n in enumerate(nodes)}
+    for n in nodes:
+        if n.depends:
+            assert order[n.depends] < order[n.node] and n.kind == "attack"
+            assert str(n.out).startswith(str(next(p.out for p in nodes if p.node == n.depends)))
+    erase = [n for n in nodes if n.kind == "erase"]
+    assert all(n.run_id and n.run_id in n.out.name for n in erase)  # the directory is derived from the run id
+
+
+def test_bench_ls_lists_every_recipe_without_torch():
+    code = ("import sys; from typer.testing import CliRunner; from diffunlearn.cli import app; "
+            "r = CliRunner().invoke(app, ['bench', 'ls']); print(r.stdout); assert r.exit_code == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in shipped_recipes():
+        assert name in out.stdout
+
+
+BAD_RECIPES = {
+    "unknown key": ("colour: red", "unknown key 'colour'"),
+    "unknown method": ("groups: [{id: g, methods: [cor], forget: [one]}]", "unknown method 'cor'"),
+    "unknown concept": ("forget_sets: {one: [doted]}", "unknown concept 'doted'"),
+    "unknown forget set": ("groups: [{id: g, methods: [core], forget: [two]}]", "unknown forget set 'two'"),
+    "bad claim metric": ("claims: [{id: c, paper: p, finding: f, metric: Totl, kind: at_least, value: 1, "
+                         "subject: {method: core}}]", "unknown metric 'Totl'"),
+    "claim on a missing group": ("claims: [{id: c, paper: p, finding: f, metric: UA, kind: at_least, value: 1, "
+                                 "subject: {group: nope}}]", "subject.group 'nope'"),
+    "claim without operand": ("claims: [{id: c, paper: p, finding: f, metric: UA, kind: greater, "
+                              "subject: {method: core}}]", "needs 'other'"),
+    "bad override section": ("groups: [{id: g, methods: [core], forget: [one], overrides: [attack.steps=1]}]",
+                             "sets 'attack'"),
+    "bad method value": ("groups: [{id: g, methods: [core], forget: [one], overrides: [method.lr=-1]}]",
+                         "method.lr"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPES))
+def test_bad_recipes_exit_2_with_one_line(case, tmp_path):
+    change, expected = BAD_RECIPES[case]
+    base = {"name": "bad", "description": "d", "paper": "p", "forget_sets": "{one: [dotted]}",
+            "groups": "[{id: g, methods: [core], forget: [one]}]",
+            "estimate": "{runs: 1, minutes: 1, basis: b}"}
+    key = change.split(":", 1)[0]
+    lines = [f"{k}: {v}" for k, v in base.items() if k != key] + [change]
+    path = tmp_path / "bad.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["bench", str(path), "--root", str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    out = [line for line in result.output.strip().splitlines() if line]
+    assert len(out) == 1 and expected in out[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_recipe_name_suggests_the_close_one():
+    result = runner.invoke(app, ["bench", "quik"])
+    assert result.exit_code == 2 and "did you mean 'quick'" in result.output
+
+
+# ---- expansion -----------------------------------------------------------------------------------
+
+def test_expansion_crosses_methods_seeds_and_attacks(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1), methods=("original", "core", "esd"))
+    nodes = expand(load_recipe(path), tmp_path / "root")
+    kinds = [(n.kind, n.node) for n in nodes]
+    assert ("evaluate", "g/default/original/dotted") in kinds  # the control is seedless: evaluated once
+    assert sum(k == "erase" for k, _ in kinds) == 4  # 2 methods x 2 seeds
+    assert sum(k == "attack" for k, _ in kinds) == 6  # relearn after each erase run and on the original per seed
+    erase = {n.node: n for n in nodes if n.kind == "erase"}
+    assert erase["g/default/core/dotted/s0"].run_id != erase["g/default/core/dotted/s1"].run_id  # seed in the id
+    assert "seed=1" in erase["g/default/core/dotted/s1"].overrides
+    attack = next(n for n in nodes if n.node == "g/default/core/dotted/s1/relearn-i")
+    assert attack.depends == "g/default/core/dotted/s1" and attack.attack_model == str(
+        erase["g/default/core/dotted/s1"].out.resolve())
+    control = next(n for n in nodes if n.node == "g/default/original/dotted/s0/relearn-i")
+    assert control.attack_forget == ["dotted"] and control.depends == "g/default/original/dotted"
+    # the same recipe expands to the same run ids (finished runs are recognised)
+    again = expand(load_recipe(path), tmp_path / "root")
+    assert [(n.node, n.out) for n in again] == [(n.node, n.out) for n in nodes]
+
+
+# ---- claims ---------------------------------------------------------------------------------------
+
+def test_t_interval_matches_hand_computation():
+    # values 1, 2, 3: mean 2, s = 1, t(0.975, 2) = 4.303 -> half width 4.303 / sqrt(3) = 2.4843
+    interval = Interval.of([1.0, 2.0, 3.0])
+    assert interval.mean == 2.0 and interval.lo == pytest.approx(2 - 2.4843, abs=1e-3)
+    assert interval.hi == pytest.approx(2 + 2.4843, abs=1e-3)
+    assert t_quantile(1) == 12.706 and t_quantile(120) == pytest.approx(1.980, abs=2e-3)  # table value 1.980
+    assert Interval.of([5.0]).lo is None and Interval.of([5.0], exact=True).lo == 5.0
+
+
+def _frame(rows):
+    base = {"kind": "erase", "group": "g", "variant": "default", "forget": "one", "attack": "none",
+            "status": "complete"}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def _claim(**kw):
+    data = {"id": "c", "paper": "p", "finding": "f", "metric": "Total", "subject": {"method": "core"}}
+    return Claim(**{**data, **kw})
+
+
+def test_claim_kinds_give_holds_fails_and_inconclusive():
+    rows = [{"method": "core", "seed": s, "Total": v} for s, v in enumerate([390.0, 392.0, 394.0])]
+    rows += [{"method": "esd", "seed": s, "Total": v} for s, v in enumerate([300.0, 310.0, 305.0])]
+    rows += [{"method": "salun", "seed": s, "Total": v} for s, v in enumerate([380.0, 400.0, 395.0])]
+    rows += [{"method": "original", "seed": None, "Total": 299.0}]
+    frame = _frame(rows)
+    assert evaluate_claim(_claim(kind="greater", other={"method": "esd"}), frame).verdict == HOLDS
+    assert evaluate_claim(_claim(kind="less", other={"method": "esd"}), frame).verdict == FAILS
+    assert evaluate_claim(_claim(kind="greater", other={"method": "salun"}), frame).verdict == INCONCLUSIVE
+    best = evaluate_claim(_claim(kind="best", among={"method": ["core", "esd", "salun"]}), frame)
+    assert best.verdict == INCONCLUSIVE and "salun" in best.slices[0].numbers  # separates from esd, not salun
+    assert evaluate_claim(_claim(kind="worst", among={"method": ["core", "esd"]}), frame).verdict == FAILS
+    assert evaluate_claim(_claim(kind="at_least", value=380), frame).verdict == HOLDS  # [387.0, 397.0]
+    assert evaluate_claim(_claim(kind="at_most", value=380), frame).verdict == FAILS
+    assert evaluate_claim(_claim(kind="at_least", value=392), frame).verdict == INCONCLUSIVE
+    # the seedless control is an exact point: core's interval is wholly above it
+    assert evaluate_claim(_claim(kind="greater", other={"method": "original"}), frame).verdict == HOLDS
+    # exact ties are not "greater"
+    tie = _frame([{"method": "a", "seed": None, "Total": 100.0}, {"method": "b", "seed": None, "Total": 100.0}])
+    assert evaluate_claim(_claim(kind="greater", subject={"method": "a"}, other={"method": "b"}), tie).verdict == FAILS
+    assert evaluate_claim(_claim(kind="greater", other={"method": "nobody"}), frame).verdict == NO_DATA
+
+
+def test_rises_pairs_by_seed_and_per_slices():
+    rows = [{"method": "esd", "attack": "relearn-i", "kind": "attack", "seed": s, "forget": f,
+             "AR_MU_top1": mu, "AR_DiMRA_top1": dimra}
+            for s, f, mu, dimra in [(0, "one", 0, 10), (1, "one", 5, 20), (2, "one", 0, 12),
+                                    (0, "three", 10, 10), (1, "three", 20, 20), (2, "three", 5, 5)]]
+    frame = _frame(rows)
+    claim = _claim(metric="AR_DiMRA_top1", kind="rises", from_metric="AR_MU_top1",
+                   subject={"method": "esd", "attack": "relearn-i"}, per=["forget"])
+    result = evaluate_claim(claim, frame)
+    verdicts = {s.key["forget"]: s.verdict for s in result.slices}
+    # one: differences 10, 15, 12 -> mean 12.33, s 2.52, half 6.25: [6.1, 18.6] > 0; three: all 0 -> no rise
+    assert verdicts == {"one": HOLDS, "three": FAILS} and result.verdict == FAILS
+    assert "12.33" in next(s.numbers for s in result.slices if s.key["forget"] == "one")
+    falls = _claim(metric="AR_MU_top1", kind="falls", other={"method": "esd", "attack": "relearn-i"},
+                   subject={"method": "esd", "attack": "relearn-i"})
+    assert evaluate_claim(falls, frame[frame["forget"] == "three"]).verdict == FAILS  # identical: no fall
+
+
+# ---- the store ------------------------------------------------------------------------------------
+
+def _write_records(path: str, writer: int, count: int) -> None:
+    store = Store(path)
+    for i in range(count):
+        node = f"w{writer}/n{i}"
+        store.record({"recipe": "r", "node": node, "spec": "s", "kind": "erase", "status": "complete",
+                      "metrics": {f"m{k}": float(writer * 1000 + i + k) for k in range(20)} | {"nan": float("nan")},
+                      "curves": [("loss", step, "loss", float(step)) for step in range(30)]})
+
+
+def test_store_survives_four_concurrent_writers(tmp_path):
+    path = str(tmp_path / "results.sqlite")
+    Store(path)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_write_records, args=(path, w, 25)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    store = Store(path)
+    assert store.journal == "wal"
+    runs = store.runs("r")
+    assert len(runs) == 100 and {r["status"] for r in runs} == {"complete"}
+    metrics = store.metrics("r")
+    assert len(metrics) == 100 * 20  # NaN never stored
+    assert len(store.curves("r")) == 100 * 30
+    # a rerun replaces a node's row and figures, never duplicates them
+    _write_records(path, 0, 1)
+    assert len(store.runs("r")) == 100 and len(store.metrics("r")) == 2000
+
+
+# ---- the runner (fake executor: order, skipping, failures) -----------------------------------------
+
+class FakeExecutor:
+    """Completes each node at once, recording it as the worker would; fails the nodes asked to."""
+
+    def __init__(self, fail=()):
+        self.submitted, self.finished, self.fail = [], [], set(fail)
+        self.queue = []
+
+    def submit(self, spec):
+        from diffunlearn.bench.worker import _save_record
+
+        self.submitted.append(spec["node"])
+        ok = spec["node"] not in self.fail
+        record = fake_record(spec, {"UA": 50.0}) | ({} if ok else {"status": "failed", "metrics": {}})
+        _save_record(spec, record)
+        Store(spec["store"]).record(record)
+        self.queue.append((spec["node"], "complete" if ok else "failed"))
+
+    def poll(self, timeout=0.0):
+        done, self.queue = self.queue[:1], self.queue[1:]
+        self.finished += [n for n, _ in done]
+        return done
+
+    def shutdown(self):
+        pass
+
+
+def test_runner_orders_dependencies_skips_finished_and_blocks_after_failures(tmp_path, tiny_model_dir,
+                                                                              tiny_evaluator_dir):
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1))
+    recipe, root = load_recipe(path), tmp_path / "root"
+    nodes = expand(recipe, root)
+    fake = FakeExecutor()
+    result = run_grid(nodes, fake, root, jobs=4, report=lambda line: None)
+    assert sorted(result.done) == sorted(n.node for n in nodes) and result.ok
+    for n in nodes:
+        if n.depends:  # an attack is submitted only after its erase run finished
+            assert fake.finished.index(n.depends) < fake.submitted.index(n.node)
+    again = FakeExecutor()
+    result = run_grid(expand(recipe, root), again, root, jobs=4, report=lambda line: None)
+    assert again.submitted == [] and len(result.skipped) == len(nodes)
+
+    # a changed config is a new run: its node runs again; a failure blocks its attack
+    changed = path.read_text().replace("method.steps=2", "method.steps=3")
+    path.write_text(changed)
+    failing = FakeExecutor(fail={"g/default/core/dotted/s0"})
+    result = run_grid(expand(load_recipe(path), root), failing, root, jobs=4, retries=1, report=lambda line: None)
+    assert failing.submitted.count("g/default/core/dotted/s0") == 2  # retried once
+    assert result.failed == ["g/default/core/dotted/s0"] and result.blocked == ["g/default/core/dotted/s0/relearn-i"]
+    assert "g/default/core/dotted/s1/relearn-i" in result.done
+    rows = {r["node"]: r for r in Store(root / "results.sqlite").runs(recipe.name)}
+    assert len(rows) == len(nodes) and rows["g/default/core/dotted/s0"]["status"] == "failed"
+    assert rows["g/default/core/dotted/s0/relearn-i"]["status"] == "pending"
+
+
+# ---- results and the report (fake records) -----------------------------------------------------------
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+def test_report_escapes_user_strings(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    import diffunlearn
+    from diffunlearn.bench.report import render_report
+
+    claims = textwrap.dedent(f"""\
+        claims:
+          - id: c1
+            paper: "[001] <b>Table 1</b>"
+            finding: "{SCRIPT} erases"
+            metric: UA
+            kind: at_least
+            value: 10
+            subject: {{method: core}}
+        """)
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1), forget_name=SCRIPT,
+                       claims=claims)
+    recipe, root = load_recipe(path), tmp_path / "root"
+    fake = FakeExecutor()
+    run_grid(expand(recipe, root), fake, root, jobs=2, report=lambda line: None)
+    frame = diffunlearn.results(path, root)
+    assert set(frame["forget"]) == {SCRIPT} and (frame["status"] == "complete").all()
+    html = render_report(recipe, tmp_path / "report.html", root).read_text()
+    assert SCRIPT not in html and "<b>Table 1</b>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("<script>") == 1  # the report's own sorter, nothing else
+    assert "holds" in html  # UA 50 in both seeds: an exact interval above 10
