@@ -53,3 +53,35 @@ def fake_record(spec: dict, metrics: dict[str, float], curves=()) -> dict:
     return {**{k: v for k, v in spec.items() if k not in ("overrides", "store", "records", "threads")},
             "status": "complete", "host": "test", "started": 1.0, "finished": 2.0, "seconds": 1.0,
             "metrics": metrics, "curves": list(curves)}
+
+
+class FakeExecutor:
+    """Completes each node at once, recording it as the worker would (with `metrics` and
+    `curves` of each kind), and fails the nodes asked to."""
+
+    def __init__(self, fail=(), metrics=None, curves=None):
+        self.metrics = metrics or (lambda spec: {"UA": 50.0})
+        self.curves = curves or (lambda spec: [])
+        self.submitted, self.finished, self.fail = [], [], set(fail)
+        self.queue = []
+
+    def submit(self, spec):
+        from diffunlearn.bench.store import Store
+        from diffunlearn.bench.worker import _save_record
+
+        self.submitted.append(spec["node"])
+        ok = spec["node"] not in self.fail
+        record = fake_record(spec, self.metrics(spec), self.curves(spec))
+        if not ok:
+            record |= {"status": "failed", "metrics": {}, "error": "RuntimeError: asked to fail"}
+        _save_record(spec, record)
+        Store(spec["store"]).record(record)
+        self.queue.append((spec["node"], "complete" if ok else "failed"))
+
+    def poll(self, timeout=0.0):
+        done, self.queue = self.queue[:1], self.queue[1:]
+        self.finished += [n for n, _ in done]
+        return done
+
+    def shutdown(self):
+        pass

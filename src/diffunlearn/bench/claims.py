@@ -16,6 +16,9 @@ Claim kinds (`recipe.Claim`); a comparison of A over B, on the rows a selection 
 - `rises` / `falls`: the change from `other` (matched by seed) or from `from_metric` (same
   runs) to the subject: the t-interval of the per-seed differences; holds when it is above 0,
   fails when it is at or below 0 (no rise), else inconclusive.
+- `same`: a finding of no effect, tested as equivalence within a margin: the interval of the
+  same per-seed change lies within [-value, value] (holds), wholly outside it (fails), or
+  across its edge (inconclusive).
 `per` splits the claim into one verdict per value of those columns; the claim holds when
 every slice holds, fails when any slice fails, else is inconclusive. A slice without runs
 yet says `no data`. All rows a selection picks in a slice are pooled.
@@ -144,10 +147,10 @@ def describe(claim: Claim) -> str:
         "at_least": f"{m}({subject}) >= {claim.value:g}" if claim.value is not None else "",
         "at_most": f"{m}({subject}) <= {claim.value:g}" if claim.value is not None else "",
     }.get(claim.kind)
-    if text is None:  # rises / falls
+    if text is None:  # rises / falls / same
         start = f"{claim.from_metric}({subject})" if claim.from_metric else f"{m}({sel(claim.other)})"
-        arrow = "rises" if claim.kind == "rises" else "falls"
-        text = f"{m}({subject}) - {start} {'> 0' if arrow == 'rises' else '< 0'} (paired by seed)"
+        test = {"rises": "> 0", "falls": "< 0", "same": f"within +/-{claim.value:g}"}[claim.kind]
+        text = f"{m}({subject}) - {start} {test} (paired by seed)"
     return text + (f", per {', '.join(claim.per)}" if claim.per else "")
 
 
@@ -234,6 +237,17 @@ def above_or_equal(a: Interval, b: Interval) -> str:
     return INCONCLUSIVE
 
 
+def within(change: Interval, margin: float) -> str:
+    """Equivalence: the interval inside [-margin, margin] holds, wholly outside fails."""
+    if not change.known:
+        return INCONCLUSIVE
+    if -margin <= change.lo and change.hi <= margin:
+        return HOLDS
+    if change.lo > margin or change.hi < -margin:
+        return FAILS
+    return INCONCLUSIVE
+
+
 def _best(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject: Interval, name: str) -> SliceResult:
     m, by = claim.metric, claim.by
     among = select(frame, claim.among, key)
@@ -269,7 +283,10 @@ def _change(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject_rows
         return SliceResult(key, NO_DATA, f"no pairs of {m} and {start_label} yet")
     change = Interval.of(differences, exact=seedless)
     zero = Interval(0.0, 0.0, 0.0, 1)
-    verdict = above(change, zero) if claim.kind == "rises" else above(zero, change)
+    if claim.kind == "same":
+        verdict = within(change, float(claim.value))
+    else:
+        verdict = above(change, zero) if claim.kind == "rises" else above(zero, change)
     return SliceResult(key, verdict, f"{m} - {start_label} on {name}: {change.text()}")
 
 

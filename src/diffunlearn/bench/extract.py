@@ -35,14 +35,16 @@ SUMMARY_KEYS = ("AR_MU_top1", "AR_MU_top3", "AR_DiMRA_top1", "AR_DiMRA_top3", "A
                 "AR_CL_before", "AR_CL_min", "retain_acc_before", "retain_acc_after", "IRA_before", "IRA_after",
                 "CRA_before", "CRA_after", "FID_before", "FID_after", "UA_before", "UA_after",
                 "distance_to_original_before", "distance_to_original_after", "travelled_back",
-                "travelled_back_fraction", "distance_full_after", "moved")
+                "travelled_back_fraction", "distance_full_after", "moved", "resurgence")
 DISTANCE_KEYS = ("weight_distance.l2", "weight_distance.relative")
-RUN_KEYS = ("seconds",)  # wall time of the whole run, measured by the worker
+TRACE_KEYS = ("cos_update_retain", "cos_update_forget", "lambda_t")  # per-step traces summarised by their mean
+RUN_KEYS = ("seconds", "cpu_seconds")  # wall and CPU time of the whole run, measured by the worker
 
 
 def known_metrics() -> set[str]:
     names = {*EVALUATION_KEYS, *PAIRED_KEYS, *COST_KEYS, *SUMMARY_KEYS, *DISTANCE_KEYS, *RUN_KEYS}
     names |= {f"before.{k}" for k in EVALUATION_KEYS} | {f"after.{k}" for k in EVALUATION_KEYS}
+    names |= {f"{k}_mean" for k in TRACE_KEYS}
     return names
 
 
@@ -82,12 +84,19 @@ def erase_metrics(out: Path) -> dict[str, float]:
     figures |= _take(m.get("cost"), COST_KEYS)
     distance = (m.get("diagnostics") or {}).get("weight_distance") or {}
     figures |= _take(distance, ("l2", "relative"), "weight_distance.")
+    traces: dict[str, list[float]] = {}
+    for source, _, name, value in curves(out, "erase"):
+        if source == "loss" and name in TRACE_KEYS:
+            traces.setdefault(name, []).append(value)
+    figures |= {f"{name}_mean": sum(values) / len(values) for name, values in traces.items()}
     return figures
 
 
 def attack_metrics(out: Path) -> dict[str, float]:
     m = json.loads((out / "metrics.json").read_text())
     figures = _take(m.get("summary"), SUMMARY_KEYS)
+    if "forget_acc_after" in figures and "forget_acc_before" in figures:  # [000]'s degree of resurgence
+        figures["resurgence"] = figures["forget_acc_after"] - figures["forget_acc_before"]
     figures |= _take(m.get("after"), EVALUATION_KEYS, "after.")
     figures |= _take(m.get("cost"), COST_KEYS)
     return figures

@@ -70,6 +70,7 @@ class Node:
     attack_model: str | None = None
     attack_forget: list[str] | None = None
     est_seconds: float = 0.0
+    registered: str | None = None  # the registered method behind the label `method`
 
     @property
     def spec_hash(self) -> str:
@@ -83,6 +84,7 @@ class Node:
                 "seed": self.seed, "depends": self.depends, "run_id": self.run_id, "out": str(self.out.resolve()),
                 "model": self.model, "overrides": self.overrides, "attack_model": self.attack_model,
                 "attack_forget": self.attack_forget, "threads": threads, "est_seconds": self.est_seconds,
+                "method_name": self.registered or self.method,
                 "store": str((root / "results.sqlite").resolve()),
                 "records": str((root / self.recipe / "records").resolve()), **extra}
 
@@ -143,12 +145,12 @@ def _group_nodes(recipe: Recipe, group: Group, root: Path, model: str | None, mo
         _check_attack(step.attack, [*sections_for(base, ATTACK_SECTIONS), *step.overrides], where)
     nodes: list[Node] = []
     run_seeds = seeds or group.seeds or recipe.seeds
-    evaluated: set[str] = set()
     for forget in group.forget:
         concepts = recipe.forget_sets[forget]
-        for variant, variant_overrides in group.variants.items():
-            check_overrides(variant_overrides, ("method", "task", "eval"), f"{where}, variant {variant}")
-            for method in group.methods:
+        for variant in group.variants:
+            for method, registered, entry_overrides in group.entries():
+                variant_overrides = [*entry_overrides, *group.variant_overrides(variant, method)]
+                check_overrides(variant_overrides, ("method", "task", "eval"), f"{where}, variant {variant}")
                 if method == ORIGINAL:
                     eval_overrides = sections_for([*base, *group.overrides, *variant_overrides], EVALUATE_SECTIONS)
                     key = config_hash({"model": model_hash, "forget": concepts, "eval": eval_overrides,
@@ -158,21 +160,22 @@ def _group_nodes(recipe: Recipe, group: Group, root: Path, model: str | None, mo
                                    out_root / f"{ORIGINAL}-{key}", model, run_id=key,
                                    est_seconds=costs.evaluate_seconds(eval_overrides, len(concepts)))
                     nodes.append(control)
-                    evaluated.add(forget)
                     for seed in run_seeds:
                         nodes += _attacks(recipe, group, control, seed, base, costs, attack_forget=list(concepts),
                                           attack_model=model)
                     continue
-                for seed in run_seeds:
-                    overrides = [*sections_for(base, ERASE_SECTIONS), *group.overrides, *variant_overrides,
-                                 f"seed={seed}"]
-                    resolved = resolve_erase(method, list(concepts), None, model, None, overrides)
-                    erase = Node(recipe.name, f"{group.id}/{variant}/{method}/{forget}/s{seed}", "erase", group.id,
-                                 variant, method, forget, list(concepts), seed, overrides,
-                                 out_root / f"{method}-{resolved.run_id}", model, run_id=resolved.run_id,
-                                 est_seconds=costs.erase_seconds(resolved))
+                for seed in [None] if group.seedless else run_seeds:
+                    overrides = [*sections_for(base, ERASE_SECTIONS), *group.overrides, *variant_overrides]
+                    overrides += [] if seed is None else [f"seed={seed}"]
+                    resolved = resolve_erase(registered, list(concepts), None, model, None, overrides)
+                    label = f"{group.id}/{variant}/{method}/{forget}" + ("" if seed is None else f"/s{seed}")
+                    erase = Node(recipe.name, label, "erase", group.id, variant, method, forget, list(concepts), seed,
+                                 overrides, out_root / f"{registered}-{resolved.run_id}", model,
+                                 run_id=resolved.run_id, est_seconds=costs.erase_seconds(resolved),
+                                 registered=registered)
                     nodes.append(erase)
-                    nodes += _attacks(recipe, group, erase, seed, base, costs)
+                    for attack_seed in run_seeds if seed is None else [seed]:
+                        nodes += _attacks(recipe, group, erase, attack_seed, base, costs)
     return nodes
 
 
@@ -181,6 +184,8 @@ def _attacks(recipe: Recipe, group: Group, parent: Node, seed: int, base: list[s
     out = []
     for step in group.attacks:
         if step.methods is not None and parent.method not in step.methods:
+            continue
+        if step.variants is not None and parent.variant not in step.variants:
             continue
         overrides = [*sections_for(base, ATTACK_SECTIONS), *step.overrides, f"seed={seed}"]
         key = config_hash({"parent": parent.run_id, "attack": step.attack, "overrides": overrides,

@@ -32,6 +32,7 @@ class AttackStep(StrictModel):
     attack: str = Field(description="attack name (`diffunlearn ls attacks`)")
     overrides: list[str] = Field(default_factory=list, description="attack.*, eval.* key=value")
     methods: list[str] | None = Field(None, description="only after these methods of the group; default: all")
+    variants: list[str] | None = Field(None, description="only after these variants of the group; default: all")
 
     @field_validator("attack")
     @classmethod
@@ -41,36 +42,81 @@ class AttackStep(StrictModel):
         return attacks.check(name)
 
 
+class MethodEntry(StrictModel):
+    """A method under its own label, with its own overrides (e.g. AdvAnchor's adv2 loss beside adv1)."""
+
+    label: str = Field(description="the name in results and claims, e.g. advanchor-adv2")
+    method: str = Field(description="the registered method")
+    overrides: list[str] = Field(default_factory=list, description="method.* / task.* overrides of this entry")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from diffunlearn.methods import methods
+
+        return methods.check(name)
+
+
 class Group(StrictModel):
     """Erase runs: every method x forget set x variant x seed; then each attack on each."""
 
     id: str = Field(description="label of the group in results and claims")
     description: str = ""
-    methods: list[str] = Field(min_length=1, description="method names, or 'original' (the control)")
+    methods: list[str | MethodEntry] = Field(
+        min_length=1, description="method names, 'original' (the control), or {label, method, overrides} entries")
     forget: list[str] = Field(min_length=1, description="names of the recipe's forget sets")
-    variants: dict[str, list[str]] = Field(
+    variants: dict[str, list[str] | dict[str, list[str]]] = Field(
         default_factory=lambda: {"default": []},
-        description="named override sets (method.*, task.*, eval.*), each crossed with every method")
+        description="named override sets (method.*, task.*, eval.*), each crossed with every method; a "
+                    "mapping method -> overrides gives each method its own (e.g. twice its own steps)")
     overrides: list[str] = Field(default_factory=list, description="overrides of every erase run of the group")
     attacks: list[AttackStep] = Field(default_factory=list)
     seeds: list[int] | None = Field(None, description="default: the recipe's seeds")
+    seedless: bool = Field(False, description="the erase runs do not depend on the seed (retrain: its pretraining "
+                           "recipe fixes its own), so each runs once; its attacks still run once per seed")
 
     @field_validator("methods")
     @classmethod
-    def _known_methods(cls, names: list[str]) -> list[str]:
+    def _known_methods(cls, entries: list) -> list:
         from diffunlearn.methods import methods
 
-        for name in names:
-            if name != ORIGINAL:
-                methods.check(name)
-        return names
+        labels = []
+        for entry in entries:
+            if isinstance(entry, str) and entry != ORIGINAL:
+                methods.check(entry)
+            labels.append(entry if isinstance(entry, str) else entry.label)
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"method label '{next(x for x in labels if labels.count(x) > 1)}' appears twice")
+        return entries
+
+    def entries(self) -> list[tuple[str, str, list[str]]]:
+        """(label, registered method, the entry's own overrides) of each method."""
+        return [(e, e, []) if isinstance(e, str) else (e.label, e.method, list(e.overrides)) for e in self.methods]
+
+    @property
+    def labels(self) -> list[str]:
+        return [label for label, _, _ in self.entries()]
 
     @field_validator("variants")
     @classmethod
-    def _some_variant(cls, variants: dict[str, list[str]]) -> dict[str, list[str]]:
+    def _some_variant(cls, variants: dict) -> dict:
         if not variants:
             raise ValueError("at least one variant (e.g. default: [])")
         return variants
+
+    @model_validator(mode="after")
+    def _variant_methods(self) -> Group:
+        for name, value in self.variants.items():
+            if isinstance(value, dict):
+                stray = [m for m in value if m not in self.labels]
+                if stray:
+                    raise ValueError(f"group '{self.id}', variant '{name}': method '{stray[0]}' is not one of the "
+                                     f"group's methods ({', '.join(self.labels)})")
+        return self
+
+    def variant_overrides(self, variant: str, method: str) -> list[str]:
+        value = self.variants[variant]
+        return list(value.get(method, [])) if isinstance(value, dict) else list(value)
 
 
 class Selection(StrictModel):
@@ -89,7 +135,7 @@ class Selection(StrictModel):
         return [value] if isinstance(value, str) else list(value)
 
 
-CLAIM_KINDS = ("greater", "less", "best", "worst", "at_least", "at_most", "rises", "falls")
+CLAIM_KINDS = ("greater", "less", "best", "worst", "at_least", "at_most", "rises", "falls", "same")
 
 
 class Claim(StrictModel):
@@ -98,19 +144,20 @@ class Claim(StrictModel):
     kinds: `greater`/`less` (subject vs other), `best`/`worst` (subject vs each member of
     `among`, told apart by `by`), `at_least`/`at_most` (subject vs `value`), `rises`/`falls`
     (the per-seed change from `other` - or from `from_metric` on the subject's own runs - to
-    the subject). `per` gives one verdict per value of those columns (e.g. forget).
+    the subject), `same` (that change stays within +/- `value`: a finding of no effect).
+    `per` gives one verdict per value of those columns (e.g. forget).
     """
 
     id: str
     paper: str = Field(description="where the paper states it, e.g. '[001] Table 1'")
     finding: str = Field(description="the paper's finding in one sentence")
     metric: str
-    kind: Literal["greater", "less", "best", "worst", "at_least", "at_most", "rises", "falls"]
+    kind: Literal["greater", "less", "best", "worst", "at_least", "at_most", "rises", "falls", "same"]
     subject: Selection
     other: Selection | None = None
     among: Selection | None = None
     by: Literal["group", "variant", "method", "forget", "attack"] = "method"
-    value: float | None = None
+    value: float | None = Field(None, description="at_least/at_most: the bound; same: the margin (>= 0)")
     from_metric: str | None = Field(None, description="rises/falls: the subject's metric before (e.g. AR_MU_top1)")
     per: list[Literal["group", "variant", "method", "forget", "attack"]] = Field(default_factory=list)
 
@@ -120,8 +167,10 @@ class Claim(StrictModel):
                 "at_least": "value", "at_most": "value"}
         if self.kind in need and getattr(self, need[self.kind]) is None:
             raise ValueError(f"claim '{self.id}': kind {self.kind} needs '{need[self.kind]}'")
-        if self.kind in ("rises", "falls") and (self.other is None) == (self.from_metric is None):
+        if self.kind in ("rises", "falls", "same") and (self.other is None) == (self.from_metric is None):
             raise ValueError(f"claim '{self.id}': kind {self.kind} needs exactly one of 'other' and 'from_metric'")
+        if self.kind == "same" and (self.value is None or self.value < 0):
+            raise ValueError(f"claim '{self.id}': kind same needs a margin 'value' >= 0")
         return self
 
 
@@ -149,6 +198,8 @@ class Recipe(StrictModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     description: str
     paper: str
+    headline: bool = Field(True, description="a headline experiment of the papers (it must state claims); false "
+                           "for documentation grids such as the README's tables")
     model: str | None = Field(None, description="model folder; default: the shipped testbed (--model overrides)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     protocols: dict[str, list[str]] = Field(
@@ -184,10 +235,14 @@ class Recipe(StrictModel):
             if len(set(attack_ids)) != len(attack_ids):
                 raise ValueError(f"group '{group.id}': duplicate attack id")
             for step in group.attacks:
-                stray = [m for m in step.methods or [] if m not in group.methods]
+                stray = [m for m in step.methods or [] if m not in group.labels]
                 if stray:
                     raise ValueError(f"group '{group.id}', attack '{step.id}': method '{stray[0]}' is not one of the "
-                                     f"group's methods ({', '.join(group.methods)})")
+                                     f"group's methods ({', '.join(group.labels)})")
+                stray = [v for v in step.variants or [] if v not in group.variants]
+                if stray:
+                    raise ValueError(f"group '{group.id}', attack '{step.id}': variant '{stray[0]}' is not one of "
+                                     f"the group's variants ({', '.join(group.variants)})")
         claim_ids = [c.id for c in self.claims]
         if len(set(claim_ids)) != len(claim_ids):
             raise ValueError(f"duplicate claim id '{next(i for i in claim_ids if claim_ids.count(i) > 1)}'")
@@ -202,7 +257,7 @@ class Recipe(StrictModel):
         if column == "variant":
             return {v for g in self.groups for v in g.variants}
         if column == "method":
-            return {m for g in self.groups for m in g.methods}
+            return {m for g in self.groups for m in g.labels}
         if column == "forget":
             return set(self.forget_sets)
         return {"none"} | {a.id for g in self.groups for a in g.attacks}
