@@ -275,3 +275,29 @@ def test_report_escapes_user_strings(tmp_path, tiny_model_dir, tiny_evaluator_di
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert html.count("<script>") == 1  # the report's own sorter, nothing else
     assert "holds" in html  # UA 50 in both seeds: an exact interval above 10
+
+
+def test_a_node_locked_elsewhere_is_deferred_then_run(tmp_path, tiny_model_dir, tiny_evaluator_dir, monkeypatch):
+    from diffunlearn.bench import grid
+    from diffunlearn.bench.worker import NodeBusy, node_lock
+
+    out = tmp_path / "run"
+    with node_lock(out), pytest.raises(NodeBusy):  # a second holder is refused at once
+        with node_lock(out):
+            pass
+
+    class BusyOnce(FakeExecutor):
+        def submit(self, spec):
+            if spec["node"] not in self.submitted:
+                self.submitted.append(spec["node"])
+                self.queue.append((spec["node"], "busy"))
+                return
+            super().submit(spec)
+
+    monkeypatch.setattr(grid, "BUSY_RETRY_SECONDS", 0.2)
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, attacks=False)
+    root = tmp_path / "root"
+    fake = BusyOnce()
+    result = run_grid(expand(load_recipe(path), root), fake, root, jobs=1, report=lambda line: None,
+                      poll_seconds=0.05)
+    assert result.ok and result.done == ["g/default/core/dotted/s0"] and fake.submitted.count(result.done[0]) == 2

@@ -272,7 +272,7 @@ def _change(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject_rows
     m = claim.metric
     if claim.from_metric:
         start_label = claim.from_metric
-        pairs = subject_rows[["seed", m, claim.from_metric]].dropna()
+        pairs = subject_rows[["seed", m, claim.from_metric]].dropna(subset=[m, claim.from_metric])
         differences = (pairs[m] - pairs[claim.from_metric]).tolist()
         seedless = bool(pairs["seed"].isna().all()) if not pairs.empty else False
     else:

@@ -32,6 +32,7 @@ ERASE_SECTIONS = ("method", "task", "eval", "seed")
 ATTACK_SECTIONS = ("attack", "eval", "seed")
 EVALUATE_SECTIONS = ("eval",)
 DEFAULT_ROOT = Path("runs/bench")
+BUSY_RETRY_SECONDS = 30.0
 
 
 def sections_for(overrides: list[str], sections: tuple[str, ...]) -> list[str]:
@@ -265,6 +266,7 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
     failed: dict[str, int] = {}
     dead: set[str] = set()
     running: dict[str, float] = {}
+    not_before: dict[str, float] = {}  # nodes another process is running: look again later
     waiting = [n.node for n in nodes if n.node not in done]
     progress = Progress(nodes, done, report, jobs)
     start = time.time()
@@ -278,6 +280,8 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
                     waiting.remove(node_id)
                     dead.add(node_id)
                     continue
+                if not_before.get(node_id, 0.0) > time.time():
+                    continue
                 if parent is None or parent in done:
                     waiting.remove(node_id)
                     executor.submit(specs[node_id])
@@ -287,9 +291,9 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
                 if status == "complete":
                     done.add(node_id)
                     progress.finished(node_id)
-                elif status == "busy":  # run elsewhere right now: come back to it
+                elif status == "busy":  # run elsewhere right now: come back to it later
                     waiting.append(node_id)
-                    time.sleep(poll_seconds)
+                    not_before[node_id] = time.time() + BUSY_RETRY_SECONDS
                 else:
                     failed[node_id] = failed.get(node_id, 0) + 1
                     if failed[node_id] <= retries:
@@ -298,6 +302,8 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
                         dead.add(node_id)
                         progress.failed(node_id)
             progress.show(running, dead)
+            if not running and waiting:  # only nodes run elsewhere are left: wait for them
+                time.sleep(poll_seconds)
     finally:
         executor.shutdown()
         progress.close()
