@@ -277,6 +277,41 @@ def test_report_escapes_user_strings(tmp_path, tiny_model_dir, tiny_evaluator_di
     assert "holds" in html  # UA 50 in both seeds: an exact interval above 10
 
 
+def test_results_command_prints_the_leaderboard_and_every_kind_of_claim(tmp_path, tiny_model_dir,
+                                                                        tiny_evaluator_dir):
+    from diffunlearn.bench.claims import describe
+
+    extras = {"greater": ["other: {method: original}"], "best": ["among: {method: [core, original]}"],
+              "at_least": ["value: 10"], "rises": ["from_metric: AR_MU_top1"],
+              "same": ["from_metric: AR_MU_top1", "value: 5"]}
+    lines = ["claims:"]
+    for kind, extra in extras.items():
+        on_attack = kind in ("rises", "same")
+        lines += [f"  - id: {kind}", "    paper: p", "    finding: f",
+                  f"    metric: {'AR_DiMRA_top1' if on_attack else 'UA'}", f"    kind: {kind}",
+                  f"    subject: {{method: core{', attack: relearn-i' if on_attack else ''}}}",
+                  *[f"    {e}" for e in extra]]
+    claims = "\n".join(lines) + "\n"
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1), methods=("original", "core"),
+                       claims=claims)
+    recipe, root = load_recipe(path), tmp_path / "root"
+    figures = {"erase": {"UA": 90.0}, "evaluate": {"UA": 0.0}, "attack": {"AR_MU_top1": 0.0, "AR_DiMRA_top1": 20.0}}
+    run_grid(expand(recipe, root), FakeExecutor(metrics=lambda spec: figures[spec["kind"]]), root, jobs=2,
+             report=lambda line: None)
+    result = runner.invoke(app, ["results", str(path), "--root", str(root), "--csv", str(tmp_path / "runs.csv")])
+    assert result.exit_code == 0, result.output
+    assert "| core | 2 | 90 |" in result.output  # two seeds pooled; identical values: no interval shown
+    verdicts = {c.id: c for c in recipe.claims}
+    assert set(verdicts) == {"greater", "best", "at_least", "rises", "same"}
+    for line in result.output.splitlines():
+        if line.startswith("| rises |"):
+            assert "**holds**" in line and "> 0" in line  # 0 -> 20 in both seeds
+        if line.startswith("| same |"):
+            assert "**fails**" in line and "within +/-5" in line  # a change of 20 is outside +/-5
+    assert all(describe(c) for c in recipe.claims)
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 7  # 1 evaluate + 2 erase + 4 attacks
+
+
 def test_a_node_locked_elsewhere_is_deferred_then_run(tmp_path, tiny_model_dir, tiny_evaluator_dir, monkeypatch):
     from diffunlearn.bench import grid
     from diffunlearn.bench.worker import NodeBusy, node_lock

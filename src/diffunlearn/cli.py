@@ -269,8 +269,9 @@ def bench(
     if recipe == "ls":
         for name in shipped_recipes():
             r = guarded(lambda name=name: load_recipe(name))
-            typer.echo(f"{name:14s} {r.paper}: {r.estimate.runs} runs, ~{r.estimate.minutes:.0f} min on 2 cores. "
-                       f"{r.description.splitlines()[0] if r.description else ''}")
+            first = r.description.split(". ")[0].split(": ")[0]
+            typer.echo(f"{name:12s} {r.estimate.runs:4d} runs  ~{r.estimate.minutes:4.0f} min  {r.paper}: "
+                       f"{first[:90]}")
         return
     loaded = guarded(lambda: load_recipe(recipe))
     seed_list = [int(s) for s in split_names(seeds)] if seeds else None

@@ -149,7 +149,7 @@ def describe(claim: Claim) -> str:
     }.get(claim.kind)
     if text is None:  # rises / falls / same
         start = f"{claim.from_metric}({subject})" if claim.from_metric else f"{m}({sel(claim.other)})"
-        test = {"rises": "> 0", "falls": "< 0", "same": f"within +/-{claim.value:g}"}[claim.kind]
+        test = {"rises": "> 0", "falls": "< 0"}.get(claim.kind) or f"within +/-{claim.value:g}"
         text = f"{m}({subject}) - {start} {test} (paired by seed)"
     return text + (f", per {', '.join(claim.per)}" if claim.per else "")
 
