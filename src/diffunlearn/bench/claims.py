@@ -80,11 +80,11 @@ class Interval:
         return self.lo is not None
 
     def text(self) -> str:
+        """'98.3 [96.1, 100.5] (n=3)'; a seedless control is 'exact', a single value has no interval."""
         if not self.known:
             return f"{self.mean:.4g} (n={self.n}, no interval)"
-        if self.lo == self.hi:
-            return f"{self.mean:.4g} (n={self.n}, exact)" if self.n == 1 else f"{self.mean:.4g} [{self.lo:.4g}, " \
-                                                                                f"{self.hi:.4g}] (n={self.n})"
+        if self.n == 1:
+            return f"{self.mean:.4g} (n=1, exact)"
         return f"{self.mean:.4g} [{self.lo:.4g}, {self.hi:.4g}] (n={self.n})"
 
 
