@@ -55,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = T2IModel.from_pretrained(args.model)
-    task = UnlearningTask.create(["dotted"], images_per_pair=3)
+    task = UnlearningTask.create(["dotted"], images_per_prompt=3)
     params = model.set_trainable(args.group)
     snapshot = tensor_bytes(model.teacher_params().values())
     frozen_unet = copy.deepcopy(model.unet).requires_grad_(False)

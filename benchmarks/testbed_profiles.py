@@ -28,10 +28,10 @@ GRID = {
     "sfront": {"method.lr": [5e-5, 1e-4], "method.beta": [10.0]},
     "salun": {"method.lr": [1e-4, 3e-4], "method.epochs": [40]},
     "erasediff": {"method.lr": [5e-5, 1e-4], "method.steps": [100]},
-    "shs": {"method.lr": [1e-4, 2e-4], "method.sparsity": [0.9999, 0.99999]},
+    "shs": {"method.lr": [1e-4, 2e-4], "method.sparsity": [0.9, 0.99]},
     "uce": {"method.lamb": [0.05, 0.5], "method.erase_scale": [5.0, 20.0]},
     "advanchor": {"method.lr": [2e-4, 3e-4, 1e-3]},
-    "sdd": {"method.lr": [1e-4, 1.5e-4, 3e-4]},
+    "sdd": {"method.lr": [1e-4, 1.5e-4, 2e-4, 3e-4]},
     "erasediff-sum": {"method.forget_weight": [0.005, 0.02, 0.1]},
     "mace": {"method.lr": [1e-3], "method.lamb": [10.0, 100.0]},
 }

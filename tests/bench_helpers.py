@@ -8,13 +8,13 @@ from pathlib import Path
 from conftest import TINY_EVAL
 
 TINY_ERASE = ["method.epochs=null", "method.steps=2", "method.batch_size=2", "method.checkpoint_every=1",
-              "task.images_per_pair=1"]
+              "task.images_per_prompt=1"]
 
 
 def tiny_recipe(folder: Path, model_dir: Path, evaluator_dir: Path, name: str = "tiny", seeds=(0,),
                 methods=("core",), attacks: bool = True, forget_name: str = "dotted", claims: str = "") -> Path:
     """A recipe file whose runs take seconds: the tiny model, tiny evaluators, two steps."""
-    fast = [*TINY_EVAL, f"eval.evaluators={evaluator_dir}"]
+    fast = [*TINY_EVAL, f"eval.evaluator=canvas:{evaluator_dir}"]
     attack = textwrap.dedent("""\
         attacks:
           - id: relearn-i

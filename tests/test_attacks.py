@@ -21,7 +21,7 @@ from diffunlearn.metrics.diagnostics import DistanceTracker
 
 
 def small_task(forget=("dotted",)):
-    return UnlearningTask.create(list(forget), images_per_pair=1)
+    return UnlearningTask.create(list(forget), images_per_prompt=1)
 
 
 @pytest.mark.parametrize("data", ["retain", "heldout", "generated"])
@@ -29,7 +29,7 @@ def test_relearn_data_never_shows_a_forget_concept(tiny_model, one_thread, data)
     task = small_task()
     attack = Relearn(RelearnConfig(data=data, generation_steps=2), tiny_model, task)
     built = attack.prepare()
-    assert len(built) == len(task.retain_pairs()) * task.images_per_pair  # the size of D_r
+    assert len(built) == len(task.retain_items()) * task.images_per_prompt  # the size of D_r
     assert "dotted" not in built.concepts()
     assert not any("dotted" in p for p in built.prompts)
     assert built.info["assumption"] == ("i" if data == "retain" else "ii")
@@ -40,8 +40,9 @@ def test_relearn_retain_data_is_the_retain_set_and_heldout_is_not(tiny_model):
     task = small_task()
     retain = Relearn(RelearnConfig(data="retain"), tiny_model, task).prepare()
     heldout = Relearn(RelearnConfig(data="heldout"), tiny_model, task).prepare()
-    first_pair = task.retain_pairs()[0]
-    assert torch.equal(retain.images[0], torch.from_numpy(task.pair_images(first_pair)[0]))
+    first = task.retain_items()[0]
+    first_pair = (first.label("style"), first.label("object"))
+    assert torch.equal(retain.images[0], torch.from_numpy(canvas.render(*first_pair, 0).image))
     assert retain.prompts == heldout.prompts
     assert not torch.equal(retain.images, heldout.images)
 
@@ -156,22 +157,32 @@ def test_every_attack_config_validates_and_has_both_profiles():
             cls.Config(**cls.profiles[profile])
 
 
+def test_resurgence_paper_profile_fine_tunes_with_lora(tiny_model_dir):
+    from diffunlearn.runs.resolve import resolve_attack
+
+    # [000] §4.3: LoRA is the primary fine-tuning algorithm at Stable Diffusion scale
+    resolved = resolve_attack("resurgence", tiny_model_dir, forget=["dotted"], overrides=["attack.profile=paper"])
+    assert resolved.profile == "paper"
+    assert resolved.attack_config.mode == "lora" and resolved.attack_config.lora_rank == 4
+
+
 def test_erase_then_attack_end_to_end(tiny_model_dir, tiny_evaluator_dir, tmp_path, one_thread):
     erase_out = tmp_path / "erase"
-    erase_overrides = ["method.epochs=null", "method.steps=2", "method.batch_size=2", "task.images_per_pair=1",
-                       f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
+    erase_overrides = ["method.epochs=null", "method.steps=2", "method.batch_size=2", "task.images_per_prompt=1",
+                       f"eval.evaluator=canvas:{tiny_evaluator_dir}", *TINY_EVAL]
     erased = diffunlearn.erase("core", ["dotted"], model=tiny_model_dir, out=erase_out, overrides=erase_overrides,
                                progress=False)
     assert (erase_out / "diagnostics.csv").exists()  # distance per group over the unlearning
 
     overrides = ["attack.steps=4", "attack.eval_every=2", "attack.batch_size=2", "attack.checkpoint_every=2",
-                 f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
+                 f"eval.evaluator=canvas:{tiny_evaluator_dir}", *TINY_EVAL]
     run = diffunlearn.attack("relearn", erase_out, overrides=overrides, progress=False)
     out = erase_out / "attacks" / f"relearn-{run.run_id}"
     assert run.out == out
     for name in ("config.yaml", "run.json", "metrics.json", "curves.csv", "attack_curve.csv", "data.json",
                  "samples.png", "model/diffunlearn.json"):
         assert (out / name).exists(), name
+    assert not (out / "checkpoint").exists()  # removed once the final model is written
     metrics = json.loads((out / "metrics.json").read_text())
     assert [row["step"] for row in metrics["curve"]] == [0, 2, 4]
     summary = metrics["summary"]
@@ -181,7 +192,7 @@ def test_erase_then_attack_end_to_end(tiny_model_dir, tiny_evaluator_dir, tmp_pa
     assert summary["distance_to_original_before"] > 0  # the erase moved the weights
     assert metrics["before"]["UA"] == pytest.approx(erased.metrics["after"]["UA"])  # same model, same seeds
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["task"]["forget"] == ["dotted"] and config["task"]["images_per_pair"] == 1
+    assert config["task"]["forget"] == ["dotted"] and config["task"]["images_per_prompt"] == 1
 
     # the attacked model loads like any run, and attacking it again chains
     again = diffunlearn.attack("resurgence", out, overrides=[*overrides, "attack.mode=lora", "attack.concepts=2",
@@ -193,8 +204,8 @@ def test_erase_then_attack_end_to_end(tiny_model_dir, tiny_evaluator_dir, tmp_pa
 def test_attack_on_the_original_model_needs_forget(tiny_model_dir, tiny_evaluator_dir, tmp_path, one_thread):
     from diffunlearn.data.tasks import TaskError
 
-    overrides = ["attack.steps=2", "attack.batch_size=2", f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL,
-                 "task.images_per_pair=1"]
+    overrides = ["attack.steps=2", "attack.batch_size=2", f"eval.evaluator=canvas:{tiny_evaluator_dir}", *TINY_EVAL,
+                 "task.images_per_prompt=1"]
     with pytest.raises(TaskError, match="--forget"):
         diffunlearn.attack("relearn", tiny_model_dir, out=tmp_path / "x", overrides=overrides, progress=False)
     assert not (tmp_path / "x").exists()

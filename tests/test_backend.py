@@ -463,3 +463,83 @@ def test_changed_only_needs_a_base_and_a_valid_base(tiny_model, tiny_model_dir, 
     shutil.rmtree(base)
     with pytest.raises(ModelDirError, match="model folder not found"):
         check_model_dir(tmp_path / "run")
+
+
+# ---- pickles and the content hash ------------------------------------------------------------
+
+
+def _text_encoder_as_pickle(src, dst):
+    """A copy of `src` whose text encoder is given only as pytorch_model.bin (a real state dict)."""
+    from safetensors.torch import load_file
+
+    folder = copy_model_dir(src, dst)
+    state = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    torch.save(state, folder / "text_encoder" / "pytorch_model.bin")
+    return folder
+
+
+def test_pickle_weights_need_an_explicit_option(tiny_model_dir, tmp_path):
+    folder = _text_encoder_as_pickle(tiny_model_dir, tmp_path / "m")
+    with pytest.raises(ModelDirError, match="is a pickle.*--allow-pickle"):
+        check_model_dir(folder)
+    with pytest.raises(ModelDirError, match="is a pickle"):
+        T2IModel.from_pretrained(folder)
+    loaded = T2IModel.from_pretrained(folder, allow_pickle=True)
+    reference = T2IModel.from_pretrained(tiny_model_dir)
+    for name, value in reference.text_encoder.state_dict().items():
+        assert torch.equal(loaded.text_encoder.state_dict()[name], value), name
+
+
+def test_allowed_pickle_is_read_with_weights_only(tiny_model_dir, tmp_path, monkeypatch):
+    """Even with --allow-pickle, a pickle that would run code is refused (torch.load(weights_only=True))."""
+    folder = copy_model_dir(tiny_model_dir, tmp_path / "m")
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    (folder / "text_encoder" / "pytorch_model.bin").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelDirError, match="cannot load model folder .*UnpicklingError"):
+        T2IModel.from_pretrained(folder, allow_pickle=True)
+    assert calls == [True] and not (tmp_path / "pwned").exists()
+
+
+def test_content_hash_covers_every_weight_file(tiny_model_dir, tmp_path):
+    a = _text_encoder_as_pickle(tiny_model_dir, tmp_path / "a")
+    b = copy_model_dir(a, tmp_path / "b")
+    state = torch.load(b / "text_encoder" / "pytorch_model.bin", weights_only=True)
+    name = sorted(state)[0]
+    state[name] = state[name] + 1
+    torch.save(state, b / "text_encoder" / "pytorch_model.bin")
+    assert model_content_hash(a) != model_content_hash(b)
+    (b / "notes.md").write_text("not part of the model")
+    hash_b = model_content_hash(b)
+    (b / "notes.md").write_text("still not")
+    assert model_content_hash(b) == hash_b
+
+
+def test_base_chain_that_loops_is_an_error(tiny_model_dir, tmp_path):
+    a, b = copy_model_dir(tiny_model_dir, tmp_path / "a"), copy_model_dir(tiny_model_dir, tmp_path / "b")
+    (a / META_FILE).write_text(json.dumps({"base": {"path": str(b), "hash": "x"}}))
+    (b / META_FILE).write_text(json.dumps({"base": {"path": "../a", "hash": "x"}}))
+    with pytest.raises(ModelDirError, match="loops back"):
+        check_model_dir(a)
+    (a / META_FILE).write_text(json.dumps({"base": {"path": ".", "hash": "x"}}))
+    with pytest.raises(ModelDirError, match="loops back"):
+        T2IModel.from_pretrained(a)
+
+
+def test_load_failures_are_model_dir_errors(tiny_model_dir, tmp_path):
+    folder = copy_model_dir(tiny_model_dir, tmp_path / "m")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["layers_per_block"] = 2  # the weights hold one layer per block
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    check_model_dir(folder)  # nothing a header shows
+    with pytest.raises(ModelDirError, match="cannot load model folder"):
+        T2IModel.from_pretrained(folder)

@@ -51,7 +51,7 @@ def test_unknown_method(empty_cwd, tiny_model_dir):
 
 def test_unknown_concept(empty_cwd, tiny_model_dir):
     result = invoke("erase", "core", "--forget", "doted", "--model", tiny_model_dir)
-    _assert_one_line_error(result, "unknown concept 'doted'", "did you mean 'dotted'", "valid concepts:")
+    _assert_one_line_error(result, "unknown concept 'doted'", "did you mean 'dotted'", "valid concepts (canvas):")
     assert not any(empty_cwd.iterdir())
 
 
@@ -159,3 +159,22 @@ def test_attack_validation_does_not_import_torch(tiny_model_dir):
     _assert_exit_2_without_importing_torch([
         ["attack", "relearn", "--model", model, "--forget", "dotted", "attack.lr=-1"],
         ["attack", "resurgence", "--model", model]])
+
+
+def test_bad_evaluator_specs_exit_2_with_one_line(empty_cwd, tiny_model_dir):
+    for spec, fragment in (("eval.evaluator=clipp:x", "did you mean 'clip'"),
+                           ("eval.evaluator=clip", "needs a transformers CLIP folder"),
+                           ("eval.evaluator=clip:/no/such/folder", "folder not found"),
+                           ("eval.evaluators=/x", "eval.evaluator=canvas:DIR"),
+                           ("eval.fid_features=inception:/no/such.pth", "Inception weights not found")):
+        result = invoke("erase", "core", "--forget", "dotted", "--model", tiny_model_dir, spec)
+        _assert_one_line_error(result, fragment)
+    assert not any(empty_cwd.iterdir())
+    listing = invoke("ls", "evaluators")
+    assert listing.exit_code == 0 and all(n in listing.stdout for n in ("canvas", "clip", "nudenet", "classifier"))
+
+
+def test_bad_evaluator_fails_without_importing_torch(tiny_model_dir):
+    _assert_exit_2_without_importing_torch([
+        ["erase", "core", "--forget", "dotted", "--model", str(tiny_model_dir), "eval.evaluator=nope"],
+        ["erase", "core", "--forget", "dotted", "--model", str(tiny_model_dir), "eval.evaluator=clip:/nowhere"]])

@@ -15,8 +15,8 @@ def test_canvas_set_reproduces_the_procedural_world():
         (s, o) for s in canvas.ALL_STYLES for o in canvas.ALL_OBJECTS]
     assert all(cset.render(i) == canvas.full_prompt(i.label("style"), i.label("object")) for i in items)
     assert cset.erasable() == canvas.erasable_concepts()
-    assert [cset.render(i) for i in cset.alone_items("dotted")] == [canvas.partial_prompt("dotted")]
-    assert [cset.render(i) for i in cset.alone_items("circle")] == [canvas.partial_prompt("circle")]
+    assert [cset.render(i) for i in cset.alone_items("dotted", evaluation=True)] == [canvas.partial_prompt("dotted")]
+    assert [cset.render(i) for i in cset.alone_items("circle", evaluation=True)] == [canvas.partial_prompt("circle")]
     assert cset.is_neutral("plain") and cset.is_neutral("none") and not cset.is_neutral("dotted")
     full = [cset.render(i) for i in cset.full_items("dotted", exclude={"circle"})]
     assert full == [canvas.full_prompt("dotted", o) for o in canvas.OBJECTS if o != "circle"]

@@ -137,16 +137,16 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
 def test_unknown_key_is_one_line_error():
     with pytest.raises(ConfigError) as info:
         build(TrainConfig, {"stepz": 3})
-    assert str(info.value) == "unknown config key 'stepz'"
+    assert str(info.value) == "unknown config key 'stepz' (did you mean 'steps'?)"
 
 
 def test_unknown_nested_key_names_the_path():
     with pytest.raises(ConfigError) as info:
         build(PretrainModelConfig, {"arch": {"chanels": [8]}})
-    assert str(info.value) == "unknown config key 'arch.chanels'"
+    assert str(info.value) == "unknown config key 'arch.chanels' (did you mean 'arch.channels'?)"
     with pytest.raises(ConfigError) as info:
         build(TrainConfig, {"stepz": 3}, prefix="train.")
-    assert str(info.value) == "unknown config key 'train.stepz'"
+    assert str(info.value) == "unknown config key 'train.stepz' (did you mean 'train.steps'?)"
 
 
 @pytest.mark.parametrize(
@@ -205,3 +205,126 @@ def test_config_modules_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# ---- hostile YAML, value checks, echo limits -------------------------------------------------
+
+
+def test_yaml_bounds_refuse_deep_nesting_and_alias_bombs():
+    from diffunlearn.config import MAX_YAML_DEPTH, YAMLLimitError, parse_yaml
+
+    assert parse_yaml("a: " + "[" * (MAX_YAML_DEPTH - 2) + "1" + "]" * (MAX_YAML_DEPTH - 2)) is not None
+    with pytest.raises(YAMLLimitError, match="nested deeper"):
+        parse_yaml("a: " + "[" * 20000 + "]" * 20000)
+    shared = "a: &a [1, 2]\nb: *a\nc: *a\n"  # ordinary anchors are fine
+    assert parse_yaml(shared) == {"a": [1, 2], "b": [1, 2], "c": [1, 2]}
+    bomb = "x0: &a0 [l,l,l,l,l,l,l,l,l]\n" + "".join(
+        f"x{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 6))
+    assert len(bomb) < 400  # 9**5 = 59049 values once expanded
+    with pytest.raises(YAMLLimitError, match="expands to more than"):
+        parse_yaml(bomb)
+    with pytest.raises(YAMLLimitError, match="recursive alias"):
+        parse_yaml("a: &a [*a]")
+    import yaml
+
+    with pytest.raises(yaml.YAMLError):  # python tags are never constructed
+        parse_yaml("!!python/object/apply:os.system ['true']")
+
+
+def test_shown_caps_what_an_error_repeats():
+    from diffunlearn.config import shown
+
+    assert shown("short") == "short"
+    long = shown("a" * 1000 + "/file.yaml", 60)
+    assert len(long) == 60 and long.endswith("file.yaml") and "..." in long
+    assert shown("two\nlines") == "two lines"
+    with pytest.raises(ConfigError) as info:
+        build(TrainConfig, {"optimizer": "x" * 100_000})
+    assert len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"lr": float("inf")}, "finite"),
+    ({"lr": float("nan")}, "finite"),
+    ({"lr": True}, "boolean"),
+    ({"steps": False}, "boolean"),
+    ({"grad_clip": -1.0}, "greater than 0"),
+    ({"grad_clip": 0}, "greater than 0"),
+    ({"batch_size": 10**8}, "less than or equal"),
+])
+def test_value_checks(data, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        build(TrainConfig, data)
+
+
+def test_bool_fields_still_take_booleans_and_null_grad_clip_disables():
+    cfg = build(TrainConfig, {"bf16": True, "grad_clip": None})
+    assert cfg.bf16 is True and cfg.grad_clip is None
+
+
+def test_task_lists_reject_duplicates_and_an_empty_retain():
+    from diffunlearn.config import TaskConfig
+
+    with pytest.raises(ConfigError, match="grid twice"):
+        build(TaskConfig, {"forget": ["dotted"], "retain": ["grid", "grid"]}, "task.")
+    with pytest.raises(ConfigError, match="task.retain"):
+        build(TaskConfig, {"forget": ["dotted"], "retain": []}, "task.")
+    assert build(TaskConfig, {"forget": ["dotted"], "retain": None}).retain is None
+
+
+def test_json_writer_turns_non_finite_numbers_into_null(tmp_path):
+    import json
+
+    import numpy as np
+
+    from diffunlearn.io import atomic_write_json, dump_json
+
+    data = {"a": float("nan"), "b": [1.5, float("inf"), -float("inf")], "c": np.float32("nan"),
+            "d": np.array([1.0, np.nan]), "e": {"f": (2, None)}}
+    text = dump_json(data)
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.5, None, None], "c": None, "d": [1.0, None], "e": {"f": [2, None]}}
+    atomic_write_json(tmp_path / "m.json", data)
+    json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+# ---- resolving a run: every override takes effect or is an error ------------------------------
+
+
+def test_unknown_top_level_overrides_are_errors(tiny_model_dir):
+    from diffunlearn.runs.resolve import resolve_erase
+
+    for override, hint in (("metod.lr=5", "did you mean 'method'"), ("lr=5", "did you mean 'method.lr'"),
+                           ("evl.seed=3", "did you mean 'eval'")):
+        with pytest.raises(ConfigError, match=hint):
+            resolve_erase("core", ["dotted"], model=tiny_model_dir, overrides=[override])
+
+
+def test_user_steps_beat_a_profiles_epochs(tiny_model_dir):
+    from diffunlearn.methods.core import Core
+    from diffunlearn.runs.resolve import resolve_erase
+
+    assert Core.profiles["testbed"]["epochs"] is not None  # the profile sets epochs, so steps would be ignored
+    default = resolve_erase("core", ["dotted"], model=tiny_model_dir)
+    stepped = resolve_erase("core", ["dotted"], model=tiny_model_dir, overrides=["method.steps=5"])
+    assert (stepped.method_config.steps, stepped.method_config.epochs) == (5, None)
+    assert default.method_config.epochs == Core.profiles["testbed"]["epochs"]
+    assert stepped.run_id != default.run_id
+    both = resolve_erase("core", ["dotted"], model=tiny_model_dir, overrides=["method.steps=5", "method.epochs=null"])
+    assert both.run_id == stepped.run_id
+    with pytest.raises(ConfigError, match="both method.steps and method.epochs"):
+        resolve_erase("core", ["dotted"], model=tiny_model_dir, overrides=["method.steps=5", "method.epochs=2"])
+    with pytest.raises(ConfigError, match="trains nothing"):
+        resolve_erase("core", ["dotted"], model=tiny_model_dir, overrides=["method.epochs=null", "method.steps=0"])
+    # closed-form methods train no steps by design
+    assert resolve_erase("uce", ["dotted"], model=tiny_model_dir).method_config.steps == 0
+
+
+def test_model_given_as_flag_and_allow_pickle_override(tiny_model_dir):
+    from diffunlearn.runs.resolve import resolve_erase
+
+    plain = resolve_erase("core", ["dotted"], model=tiny_model_dir)
+    pickled = resolve_erase("core", ["dotted"], model=tiny_model_dir, overrides=["model.allow_pickle=true"])
+    assert pickled.model_dir == plain.model_dir and pickled.allow_pickle and not plain.allow_pickle
+    assert pickled.run_id == plain.run_id  # how weights may be read is not part of what the run is

@@ -17,7 +17,7 @@ from diffunlearn.methods.core import Core
 def test_erase_then_evaluate_writes_a_complete_run(tiny_model_dir, tiny_evaluator_dir, tmp_path):
     out = tmp_path / "run"
     overrides = ["method.epochs=null", "method.steps=4", "method.batch_size=2", "method.checkpoint_every=2",
-                 "task.images_per_pair=1", f"eval.evaluators={tiny_evaluator_dir}", *TINY_EVAL]
+                 "task.images_per_prompt=1", f"eval.evaluator=canvas:{tiny_evaluator_dir}", *TINY_EVAL]
     run = diffunlearn.erase("core", ["dotted"], model=tiny_model_dir, out=out, overrides=overrides, progress=False)
 
     for name in ("config.yaml", "run.json", "metrics.json", "curves.csv", "samples.png", "log.txt",
@@ -44,7 +44,7 @@ def test_erase_then_evaluate_writes_a_complete_run(tiny_model_dir, tiny_evaluato
     # only the trained group was saved, and the run folder loads as a model anywhere
     model_meta = json.loads((out / "model" / "diffunlearn.json").read_text())
     assert all(".attn2." in n for n in model_meta["changed_params"])
-    evaluation = diffunlearn.evaluate(out, ["dotted"], overrides=[f"eval.evaluators={tiny_evaluator_dir}",
+    evaluation = diffunlearn.evaluate(out, ["dotted"], overrides=[f"eval.evaluator=canvas:{tiny_evaluator_dir}",
                                                                    *TINY_EVAL], progress=False)
     assert evaluation["UA"] == metrics["after"]["UA"]  # same seeds, same model
 
@@ -56,7 +56,7 @@ def test_interrupted_erase_resumes_to_the_same_weights(tiny_model_dir, tmp_path,
     from safetensors.torch import load_file
 
     overrides = ["method.epochs=null", "method.steps=6", "method.batch_size=2", "method.checkpoint_every=2",
-                 "task.images_per_pair=1", "eval.enabled=false"]
+                 "task.images_per_prompt=1", "eval.enabled=false"]
     diffunlearn.erase("core", ["grid"], model=tiny_model_dir, out=tmp_path / "a", overrides=overrides, progress=False)
 
     original_step = Core.step
@@ -88,3 +88,22 @@ def test_run_id_ignores_output_path_and_threads(tiny_model_dir):
     second = resolve_erase("core", ["dotted"], model=tiny_model_dir)
     changed = resolve_erase("core", ["dotted"], model=tiny_model_dir, overrides=["method.lr=0.5"])
     assert first.run_id == second.run_id != changed.run_id
+
+
+def test_erase_without_evaluator_still_erases_saves_and_says_what_it_could_not(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffunlearn.cli import app
+
+    out = tmp_path / "run"
+    args = ["erase", "core", "--forget", "dotted", "--model", str(tiny_model_dir), "--out", str(out),
+            "method.epochs=null", "method.steps=1", "method.batch_size=2", "task.images_per_prompt=1",
+            "eval.evaluator=none", *TINY_EVAL]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("samples.png", "metrics.json", "model/unet/diffusion_pytorch_model.safetensors"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["UA"] is None and metrics["after"]["evaluator"] is None
+    lines = [line for line in result.stdout.splitlines() if line.startswith("not computed: ")]
+    assert len(lines) == 1 and "UA" in lines[0] and "IRA" in lines[0] and "FID" in lines[0]

@@ -289,3 +289,60 @@ def test_loop_never_pickles(tmp_path, monkeypatch):
     assert any(k.startswith("optim.") for k in tensors)
     assert {k for k in tensors if k.startswith("param.")} == {f"param.{n}" for n in params}
     assert {k for k in tensors if k.startswith("ema.")} == {f"ema.{n}" for n in params}
+
+
+# ---- divergence ------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path):
+    from diffunlearn.engine.loop import TrainingDiverged
+
+    model, params = setup_model("xattn-kv")
+    good = make_step(model)
+
+    def step(k, gen):
+        logs = good(k, gen)
+        return {**logs, "loss": float("nan")} if k == 4 else logs
+
+    cfg = loop_config(steps=8, hook_every=0)
+    with pytest.raises(TrainingDiverged) as info:
+        run_loop(params, step, cfg, checkpoint_dir=tmp_path)
+    assert (info.value.step, info.value.checkpoint_step) == (5, 4)  # step index 4 is the fifth step
+    assert "loss is nan" in str(info.value)
+    tensors, saved = ckpt.load_checkpoint(tmp_path)
+    assert saved["step"] == 4
+    # the optimizer never applied the diverged step: the weights are those after four steps
+    reference_model, reference = setup_model("xattn-kv")
+    run_loop(reference, make_step(reference_model), loop_config(steps=4, hook_every=0))
+    for n in params:
+        assert torch.equal(params[n], reference[n]), n
+        assert torch.equal(tensors[f"param.{n}"], reference[n]), n
+
+
+def test_non_finite_weights_never_reach_a_checkpoint(tmp_path):
+    from diffunlearn.engine.loop import TrainingDiverged
+
+    model, params = setup_model("xattn-kv")
+    name = sorted(params)[0]
+    good = make_step(model)
+
+    def step(k, gen):
+        logs = good(k, gen)
+        if k == 3:  # a finite loss, then weights that overflow (as a huge learning rate makes them)
+            with torch.no_grad():
+                params[name].fill_(float("inf"))
+        return logs
+
+    with pytest.raises(TrainingDiverged, match=f"weight {name}") as info:
+        run_loop(params, step, loop_config(steps=8, hook_every=0, grad_clip=None), checkpoint_dir=tmp_path)
+    assert info.value.step == 4 and info.value.checkpoint_step == 2
+    tensors, saved = ckpt.load_checkpoint(tmp_path)
+    assert saved["step"] == 2 and all(bool(t.isfinite().all()) for t in tensors.values())
+
+
+def test_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 2, small_state(2.0), {"note": "two"})
+    path = tmp_path / "ckpt-00000002.safetensors"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ckpt.CheckpointError, match="corrupt checkpoint"):
+        ckpt.load_checkpoint(tmp_path)

@@ -11,12 +11,14 @@ import torch
 
 from diffunlearn.config import EvalConfig
 from diffunlearn.data import canvas
+from diffunlearn.data.concepts import ConceptSet
 from diffunlearn.metrics import accuracy as acc
 from diffunlearn.metrics.classifier import EvaluatorFeatures
 from diffunlearn.metrics.evaluate import ROLES, Evaluation, build_prompt_sets, evaluate_model, prompt_seed_offset
 from diffunlearn.metrics.fid import distribution_metrics, extract_features, fid_kid, frechet_distance, precision_recall
 from diffunlearn.metrics.grid import save_grid
 
+CANVAS = ConceptSet.builtin("canvas")
 TINY_EVAL = {"images_per_prompt": 1, "partial_images": 2, "steps": 2, "bootstrap": 20,
              "fid_reference_per_pair": 1, "batch_size": 64}
 
@@ -145,31 +147,31 @@ def test_distribution_metrics_keys(tiny_evaluators):
 
 def test_plan_rules_single_style():
     cfg = EvalConfig(images_per_prompt=2, partial_images=3)
-    plan = build_prompt_sets(["striped"], cfg)
+    plan = build_prompt_sets(CANVAS, ["striped"], cfg)
     full = [it for it in plan if it.role == "forget-full"]
     partial = [it for it in plan if it.role == "forget-partial"]
     retain = [it for it in plan if it.role == "retain"]
     assert len(full) == 2 * len(canvas.OBJECTS)
-    assert {it.object for it in full} == set(canvas.OBJECTS)  # erasable only: no `none`
-    assert all(it.forget == "striped" and it.style == "striped" for it in full)
+    assert {it.label("object") for it in full} == set(canvas.OBJECTS)  # erasable only: no `none`
+    assert all(it.forget == "striped" and it.label("style") == "striped" for it in full)
     assert [it.prompt for it in partial] == [canvas.style_prompt("striped")] * 3
-    assert all(it.object is None for it in partial)
+    assert all(it.label("object") is None for it in partial)
     assert len(retain) == 2 * (len(canvas.STYLES) - 1) * len(canvas.OBJECTS)
-    assert all(it.style != "striped" and it.forget is None for it in retain)
-    assert {it.style for it in retain} <= set(canvas.STYLES)  # no `plain`
+    assert all(it.label("style") != "striped" and it.forget is None for it in retain)
+    assert {it.label("style") for it in retain} <= set(canvas.STYLES)  # no `plain`
     assert {it.role for it in plan} == set(ROLES)
 
 
 def test_plan_rules_both_domains_and_alternatives():
     cfg = EvalConfig(images_per_prompt=1, partial_images=2)
     forget = ["striped", "circle", "square"]
-    plan = build_prompt_sets(forget, cfg, alternatives={"circle": ["ring"]})
+    plan = build_prompt_sets(CANVAS, forget, cfg, alternatives={"circle": ["ring"]})
     retain = [it for it in plan if it.role == "retain"]
-    assert not any(c in forget for it in retain for c in (it.style, it.object))
+    assert not any(c in forget for it in retain for c in (it.label("style"), it.label("object")))
     assert len(retain) == (len(canvas.STYLES) - 1) * (len(canvas.OBJECTS) - 2)
     full = [it for it in plan if it.role == "forget-full"]
     # no full prompt holds two forget concepts
-    assert all(sum(c in forget for c in (it.style, it.object)) == 1 for it in full)
+    assert all(sum(c in forget for c in (it.label("style"), it.label("object"))) == 1 for it in full)
     assert len([it for it in full if it.forget == "circle"]) == len(canvas.STYLES) - 1
     assert len([it for it in full if it.forget == "striped"]) == len(canvas.OBJECTS) - 2
     partial_prompts = {it.prompt for it in plan if it.role == "forget-partial"}
@@ -181,10 +183,10 @@ def test_plan_rules_both_domains_and_alternatives():
 
 def test_plan_seeds_fixed_per_prompt():
     cfg = EvalConfig(images_per_prompt=3, partial_images=2, seed=7)
-    first, second = build_prompt_sets(["dotted"], cfg), build_prompt_sets(["dotted"], cfg)
+    first, second = build_prompt_sets(CANVAS, ["dotted"], cfg), build_prompt_sets(CANVAS, ["dotted"], cfg)
     assert first == second
     # a prompt's seeds do not depend on what else is in the plan
-    other = build_prompt_sets(["circle"], cfg)
+    other = build_prompt_sets(CANVAS, ["circle"], cfg)
     seeds = {(it.prompt, it.index): it.seed for it in other}
     shared = [it for it in first if (it.prompt, it.index) in seeds]
     assert shared and all(seeds[(it.prompt, it.index)] == it.seed for it in shared)
@@ -200,7 +202,7 @@ def test_plan_seeds_fixed_per_prompt():
 ])
 def test_plan_rejects_bad_input(forget, alternatives):
     with pytest.raises(ValueError):
-        build_prompt_sets(forget, EvalConfig(), alternatives)
+        build_prompt_sets(CANVAS, forget, EvalConfig(), alternatives)
 
 
 # ---- end to end ------------------------------------------------------------------------------
@@ -208,15 +210,16 @@ def test_plan_rejects_bad_input(forget, alternatives):
 PERCENT_KEYS = ("UA", "UA_partial", "IRA", "CRA", "AR_MU_top1", "AR_MU_top3", "AR_CL", "SFID")
 
 
-def test_evaluate_model_end_to_end(tiny_model, tiny_evaluators):
+def test_evaluate_model_end_to_end(tiny_model, tiny_canvas_evaluator):
     cfg = EvalConfig(**TINY_EVAL)
-    result = evaluate_model(tiny_model, tiny_evaluators, ["striped"], cfg, alternatives={"striped": ["barred"]},
+    result = evaluate_model(tiny_model, tiny_canvas_evaluator, ["striped"], cfg, alternatives={"striped": ["barred"]},
                             reference_fid=0.5, progress=False)
     assert isinstance(result, Evaluation)
     m = result.metrics
     expected = {"UA", "UA_partial", "IRA", "CRA", "AR_MU_top1", "AR_MU_top3", "AR_CL", "p_forget", "entropy"}
     assert expected | {f"{k}_ci" for k in expected} | {
         "FID", "FID_original", "SFID", "Total", "KID", "KID_std", "precision", "recall", "per_concept", "counts",
+        "evaluator", "not_computed", "notes",
     } == set(m)
     for key in PERCENT_KEYS:
         assert 0 <= m[key] <= 100, key
@@ -247,15 +250,15 @@ def test_evaluate_model_end_to_end(tiny_model, tiny_evaluators):
     cached = Evaluation(m, result.images, json.loads(json.dumps([it.to_dict() for it in result.plan])))
     assert cached.plan == result.plan
 
-    again = evaluate_model(tiny_model, tiny_evaluators, ["striped"], cfg, alternatives={"striped": ["barred"]},
+    again = evaluate_model(tiny_model, tiny_canvas_evaluator, ["striped"], cfg, alternatives={"striped": ["barred"]},
                            reference_fid=0.5, progress=False)
     assert again.metrics == m
     assert torch.equal(again.images, result.images)
 
 
-def test_evaluate_without_alternatives_or_reference(tiny_model, tiny_evaluators):
+def test_evaluate_without_alternatives_or_reference(tiny_model, tiny_canvas_evaluator):
     cfg = EvalConfig(**{**TINY_EVAL, "bootstrap": 0, "partial_images": 0})
-    m = evaluate_model(tiny_model, tiny_evaluators, ["hourglass"], cfg, progress=False).metrics
+    m = evaluate_model(tiny_model, tiny_canvas_evaluator, ["hourglass"], cfg, progress=False).metrics
     assert m["AR_CL"] is None and m["SFID"] is None and m["Total"] is None
     assert m["UA_partial"] is None and m["UA_ci"] is None
     assert 0 <= m["UA"] <= 100
@@ -278,8 +281,21 @@ def test_save_grid_writes_labelled_png(tmp_path):
         save_grid(tmp_path / "empty.png", [])
 
 
+def test_plan_items_saved_before_concept_sets_load():
+    """Evaluations cached before labels became {domain: concept} stored style/object fields."""
+    from diffunlearn.metrics.evaluate import PlanItem
+
+    old = {"prompt": "an image of ring in dotted style", "seed": 5, "role": "forget-full", "style": "dotted",
+           "object": "ring", "forget": "dotted", "alternatives": ["grid"], "index": 0}
+    item = PlanItem.from_dict(old)
+    assert item.label("style") == "dotted" and item.label("object") == "ring" and item.alternatives == ("grid",)
+    partial = PlanItem.from_dict({**old, "object": None, "role": "forget-partial"})
+    assert partial.labels == (("style", "dotted"),)
+    assert PlanItem.from_dict(item.to_dict()) == item
+
+
 def test_plan_accepts_alternatives_among_forget_concepts():
     """CORE's derangement maps forget concepts onto each other: AR_CL must still be reported."""
-    plan = build_prompt_sets(["circle", "ring"], EvalConfig(images_per_prompt=1, partial_images=1),
+    plan = build_prompt_sets(CANVAS, ["circle", "ring"], EvalConfig(images_per_prompt=1, partial_images=1),
                              {"circle": ["ring"], "ring": ["circle"]})
     assert {it.alternatives for it in plan if it.forget == "circle"} == {("ring",)}

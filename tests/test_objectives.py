@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from diffunlearn.data import canvas
 from diffunlearn.data.tasks import UnlearningTask
 from diffunlearn.engine.loop import step_generator
 from diffunlearn.objectives import Term, compute_loss, draw_batch, term_losses
 
 
 def _setup(tiny_model, group="xattn"):
-    task = UnlearningTask.create(["dotted"], images_per_pair=2)
+    task = UnlearningTask.create(["dotted"], images_per_prompt=2)
     tiny_model.set_trainable(group)
     return task
 
@@ -61,13 +62,13 @@ def test_teacher_target_is_zero_loss_before_training(tiny_model):
 
 
 def test_anchor_images_show_the_anchor_concept_under_forget_prompts(tiny_model):
-    task = UnlearningTask.create(["dotted"], images_per_pair=2, anchor_scheme="fixed:grid")
+    task = UnlearningTask.create(["dotted"], images_per_prompt=2, anchor_scheme="fixed:grid")
     batch = draw_batch(tiny_model, task, "anchor", 6, step_generator(0, 0))
     for prompt, anchor_prompt in zip(batch.prompts["forget"], batch.prompts["anchor"], strict=True):
         assert "dotted" in prompt and "grid" in anchor_prompt
     # every drawn image is one of the grid-style images of D_u'
-    grid_images = torch.cat([torch.from_numpy(task.pair_images(("grid", o))) for o in
-                             [p.split(" ")[3] for p in batch.prompts["forget"]]])
+    objects = [p.split(" ")[3] for p in batch.prompts["forget"]]
+    grid_images = torch.cat([torch.from_numpy(canvas.render_batch([("grid", o)] * 2, [0, 1])[0]) for o in objects])
     for img in batch.x0:
         assert any(torch.equal(img, g) for g in grid_images)
 
@@ -78,3 +79,29 @@ def test_weights_and_signs_sum(tiny_model):
              Term("b", images="retain", prompt="retain", target="gaussian", weight=2.0)]
     total, logs = compute_loss(terms, tiny_model, task, 2, step_generator(0, 0))
     assert abs(float(total.detach()) - (-logs["loss_a"] + 2 * logs["loss_b"])) < 1e-5
+
+
+def test_generated_states_stop_after_zero_to_n_minus_one_ddim_steps_as_official_esd(tiny_model, monkeypatch):
+    from diffunlearn.objectives import generate_batch
+
+    # esd_sd.py: run_till_timestep = random.randint(0, 49), inclusive, for 50 steps: the state after k
+    # of the N steps for k = 0..N-1 (k = 0: the initial noise), trained at timesteps[k]
+    task = _setup(tiny_model)
+    assert tiny_model.ddim_timesteps(4) == [750, 500, 250, 0]
+    monkeypatch.setattr(type(tiny_model), "sample", lambda self, prompts, seeds, **kw: torch.zeros(len(prompts), 3))
+    stops = {}
+    for first_stop in (0, 1):
+        term = Term("esd", images="generated", prompt="forget", target="esd", generation_steps=4, first_stop=first_stop)
+        stops[first_stop] = {int(generate_batch(tiny_model, term, task, 2, step_generator(0, k)).t[0])
+                             for k in range(64)}
+    assert stops[0] == {750, 500, 250, 0}
+    assert stops[1] == {500, 250, 0}
+    from diffunlearn.methods.esd import Esd, EsdConfig
+
+    assert Esd(EsdConfig(mode="data-free"), None, None).terms()[0].first_stop == 0
+
+
+def test_stopping_at_the_first_timestep_returns_the_initial_noise(tiny_model):
+    seeds = [3, 4]
+    x = tiny_model.sample(["an image of circle in dotted style", ""], seeds, steps=4, stop_at=750)
+    assert torch.equal(x, tiny_model.initial_noise(seeds))

@@ -6,55 +6,62 @@ import numpy as np
 import pytest
 
 from diffunlearn.data import canvas
-from diffunlearn.data.tasks import TaskError, UnlearningTask, build_anchor_map, cached_canvas_images
+from diffunlearn.data.concepts import ConceptSet, ConceptSetError
+from diffunlearn.data.tasks import TaskError, UnlearningTask, build_anchor_map
+
+
+def _pairs(items):
+    return [(i.label("style"), i.label("object")) for i in items]
 
 
 def test_forget_and_retain_sets_follow_the_definition():
-    task = UnlearningTask.create(["dotted"], images_per_pair=3)
-    forget_pairs = task.forget_pairs()
+    task = UnlearningTask.create(["dotted"], images_per_prompt=3)
+    forget_pairs = _pairs(task.forget_items())
     assert {s for s, _ in forget_pairs} == {"dotted"}
     assert len(forget_pairs) == len(canvas.ALL_OBJECTS)
-    retain_pairs = task.retain_pairs()
+    retain_pairs = _pairs(task.retain_items())
     assert all("dotted" not in pair for pair in retain_pairs)
     assert len(forget_pairs) + len(retain_pairs) == len(canvas.ALL_STYLES) * len(canvas.ALL_OBJECTS)
-    assert len(task.items(forget_pairs)) == 3 * len(forget_pairs)
+    assert [task.prompt(i) for i in task.forget_items()] == [canvas.full_prompt(s, o) for s, o in forget_pairs]
 
 
 def test_explicit_retain_restricts_d_r():
     task = UnlearningTask.create(["circle"], retain=["square", "striped"])
-    for s, o in task.retain_pairs():
+    for s, o in _pairs(task.retain_items()):
         assert "circle" not in (s, o)
         assert s == "striped" or o == "square" or {s, o} <= {"plain", "none"}
 
 
-def test_images_are_the_first_n_of_each_pair_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFUNLEARN_CACHE", str(tmp_path))
-    images = cached_canvas_images(seed=0, per_pair=2, size=16)
-    pairs = [(s, o) for s in canvas.ALL_STYLES for o in canvas.ALL_OBJECTS]
-    k = pairs.index(("grid", "arrow"))
-    np.testing.assert_array_equal(images[k, 1], canvas.render("grid", "arrow", 1, seed=0).image)
-    assert list(tmp_path.rglob("*.npy"))
-    again = cached_canvas_images(seed=0, per_pair=2, size=16)
-    np.testing.assert_array_equal(images, again)
+def test_images_are_the_first_n_of_each_item():
+    task = UnlearningTask.create(["grid"], images_per_prompt=2)
+    item = next(i for i in task.forget_items() if i.label("object") == "arrow")
+    images = task.item_images(item)
+    assert images.shape == (2, 3, 16, 16)
+    np.testing.assert_array_equal(images[1], canvas.render("grid", "arrow", 1, seed=0).image)
 
 
-def test_corrupt_cache_is_regenerated(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFUNLEARN_CACHE", str(tmp_path))
-    first = cached_canvas_images(seed=0, per_pair=1, size=16)
-    path = next(tmp_path.rglob("*.npy"))
-    path.write_bytes(b"not an npy file")
-    np.testing.assert_array_equal(cached_canvas_images(seed=0, per_pair=1, size=16), first)
+def test_free_text_task_has_no_retain_items_without_retain_concepts():
+    cset = ConceptSet.free_text(["Van Gogh"], ["Monet"], "style")
+    task = UnlearningTask.create(["Van Gogh"], concept_set=cset, source=object())
+    assert [task.prompt(i) for i in task.forget_items()][0] == "a painting in the style of Van Gogh"
+    assert {c for i in task.retain_items() for c in i.concepts} == {"Monet"}
+    assert task.anchor_map == {"Van Gogh": ["Monet"]}  # auto: one-to-one onto the retain concept
+    alone = UnlearningTask.create(["Van Gogh"], retain=[], concept_set=cset, source=object())
+    assert alone.retain_items() == [] and alone.anchor_map == {"Van Gogh": []}  # the empty prompt
+    own = ConceptSet.free_text(["Van Gogh"], None, "style", anchor="a painting")
+    assert UnlearningTask.create(["Van Gogh"], concept_set=own, source=object()).anchor_map == {
+        "Van Gogh": ["a painting"]}
 
 
 @pytest.mark.parametrize("bad", [["dottd"], ["plain"], ["none"], []])
 def test_bad_concepts_are_rejected_with_choices(bad):
-    with pytest.raises(TaskError) as err:
+    with pytest.raises(ConceptSetError) as err:
         UnlearningTask.create(bad)
     assert "valid concepts" in str(err.value) or "no forget" in str(err.value)
 
 
 def test_concept_in_forget_and_retain_is_rejected():
-    with pytest.raises(TaskError, match="both forget and retain"):
+    with pytest.raises(ConceptSetError, match="both forget and retain"):
         UnlearningTask.create(["dotted"], retain=["dotted", "grid"])
 
 

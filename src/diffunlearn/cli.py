@@ -1,7 +1,9 @@
 """The `diffunlearn` command line: a thin layer over the Python API (api.py, runs/).
 
-Input is validated before torch is imported; an error a user can cause prints one line on
-stderr and exits with status 2, having written nothing.
+Input is validated before torch is imported; an error a user can cause (including a usage
+error such as an unknown option) prints one line of at most MAX_ERROR_CHARS characters on
+stderr and exits with status 2, having written nothing. Exit statuses: 0 done (or already
+done), 2 bad input, 3 training diverged (the run is marked `diverged`), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,19 +11,64 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 ships its own copy of click; older ones use click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
 
 from diffunlearn.backends.model_dir import ModelDirError
 from diffunlearn.config import ConfigError
 from diffunlearn.data.tasks import TaskError
+from diffunlearn.engine.errors import CheckpointError, TrainingDiverged
 from diffunlearn.registry import UnknownNameError
-from diffunlearn.runs.resolve import RunDirError
+from diffunlearn.runs.resolve import RunDirError, check_threads
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+MAX_ERROR_CHARS = 280  # the whole line, "error: " included
+
+
+class OneLineErrors(TyperGroup):
+    """Click's usage errors (unknown option, missing argument, bad --threads) as one line and
+    exit status 2, like every other user error, instead of a usage block and a framed panel."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.NoArgsIsHelpError as err:
+            if not standalone_mode:
+                raise
+            err.show()  # the help text, as click shows it
+            sys.exit(err.exit_code)
+        except click_exceptions.ClickException as err:
+            if not standalone_mode:
+                raise
+            hint = f"; see `{err.ctx.command_path} --help`" if getattr(err, "ctx", None) else ""
+            typer.echo(one_line(f"error: {err.format_message().rstrip('.')}", len(hint)) + hint, err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except click_exceptions.Abort:
+            if not standalone_mode:
+                raise
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)  # click returns an Exit's code in this mode
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Erase concepts from text-to-image diffusion models, measure what was erased and kept, "
-         "and attack the result to see whether it lasts.",
+         "and attack the result to see whether it lasts. Exit status: 0 done (or already done); 2 bad input "
+         "(one line on stderr, nothing written); 3 training diverged (NaN/inf; run.json says 'diverged', the "
+         "last good checkpoint is kept); 130 interrupted (rerun the same command to resume).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 pretrain_app = typer.Typer(help="Train the shipped testbed (model or evaluator classifiers).", no_args_is_help=True)
@@ -30,29 +77,35 @@ attack_app = typer.Typer(help="Attack an unlearned model and watch whether the e
                               "(see `diffunlearn ls attacks`).", no_args_is_help=True)
 app.add_typer(attack_app, name="attack")
 
-USER_ERRORS = (ConfigError, TaskError, ModelDirError, UnknownNameError, RunDirError, FileNotFoundError)
-# CheckpointError (engine/checkpoint.py) imports torch, so it is matched by name in guarded().
+USER_ERRORS = (ConfigError, TaskError, ModelDirError, UnknownNameError, RunDirError, CheckpointError,
+               FileNotFoundError)
 T = TypeVar("T")
 
 
-def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+def one_line(message: str, reserve: int = 0) -> str:
+    """`message` on one line, cut to MAX_ERROR_CHARS (less `reserve`): an error never floods a terminal."""
+    text = " ".join(str(message).split())
+    limit = MAX_ERROR_CHARS - reserve
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fail(message: str, status: int = EXIT_BAD_INPUT) -> None:
+    typer.echo(one_line(f"error: {message}"), err=True)
+    raise typer.Exit(status)
 
 
 def guarded(fn: Callable[[], T]) -> T:
-    """Run `fn`, turning errors a user can cause into one line and exit status 2."""
+    """Run `fn`, turning errors a user can cause into one line and exit status 2, a diverged
+    run into one line and status 3."""
     try:
         return fn()
     except USER_ERRORS as err:
         fail(str(err))
-    except ValueError as err:
-        if type(err).__name__ != "CheckpointError":
-            raise
-        fail(str(err))
+    except TrainingDiverged as err:
+        fail(str(err), EXIT_DIVERGED)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def split_names(value: str | None) -> list[str] | None:
@@ -64,10 +117,28 @@ def split_names(value: str | None) -> list[str] | None:
 ForgetOpt = Annotated[str | None, typer.Option("--forget", "-f", help="Concept(s) to erase, comma-separated.")]
 ModelOpt = Annotated[Path | None, typer.Option(
     "--model", "-m", help="Model folder (diffusers layout) or an erase run's directory; default: the shipped testbed.")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (not part of the run id).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads, at least 1 (not part of the "
+                                                                  "run id).")]
+ConceptsOpt = Annotated[str | None, typer.Option(
+    "--concepts", help="Concept set: a YAML file (see README 'Concept sets') or a built-in name (canvas); default: "
+                       "the shipped testbeds' canvas, else a free-text set of the --forget/--retain words.")]
+AnchorOpt = Annotated[str | None, typer.Option(
+    "--anchor", help="Text or concept the forget concepts are steered to (CORE, CA, SalUn, DiMUM, ...); default: "
+                     "the anchor scheme, else the empty prompt.")]
+DomainOpt = Annotated[str | None, typer.Option(
+    "--domain", help="Domain of free-text concepts, which picks their default prompts: concept (default), style, "
+                     "object, celebrity, nudity.")]
+PickleOpt = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Load model weights given only as pickles (.bin) with torch.load(weights_only=True); "
+                           "refused otherwise (same as model.allow_pickle=true).")]
+
 OverridesArg = Annotated[list[str] | None, typer.Argument(
     help="Overrides as dotted key=value, e.g. method.lr=1e-5 eval.images_per_prompt=4 task.anchor_scheme=next.",
     show_default=False)]
+
+
+def with_pickle(overrides: list[str] | None, allow_pickle: bool) -> list[str]:
+    return [*(overrides or []), *(["model.allow_pickle=true"] if allow_pickle else [])]
 
 
 @app.command()
@@ -78,19 +149,27 @@ def erase(
     model: ModelOpt = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (method/task/eval/model).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory; default runs/<method>-<id>.")] = None,
+    concepts: ConceptsOpt = None,
+    anchor: AnchorOpt = None,
+    domain: DomainOpt = None,
     threads: ThreadsOpt = None,
+    allow_pickle: PickleOpt = False,
     overrides: OverridesArg = None,
 ) -> None:
     """Erase concepts with a method, evaluate before and after, and write a run directory.
 
+    Concepts are words of a concept set: the canvas on the shipped testbeds (`diffunlearn ls concepts`),
+    any text on other models (`--forget "Van Gogh" --domain style`), or a YAML file (`--concepts FILE`).
     Precedence: method defaults < profile (paper | testbed) < --config YAML < flags and key=value.
     Rerunning a finished run is a no-op; an interrupted one resumes from its last checkpoint.
+    The run directory is locked while a command works in it; a second command on it exits 2.
     """
     from diffunlearn import api
 
     result = guarded(lambda: api.erase(method, split_names(forget), split_names(retain), model, config,
-                                       out, overrides or [], threads, progress=sys.stderr.isatty(),
-                                       notify=lambda line: typer.echo(line, err=True)))
+                                       out, with_pickle(overrides, allow_pickle), threads,
+                                       progress=sys.stderr.isatty(), notify=lambda line: typer.echo(line, err=True),
+                                       concepts=concepts, anchor=anchor, domain=domain))
     if not result.skipped:
         _print_summary(result.metrics, result.out)
 
@@ -110,21 +189,28 @@ def _attack_command(name: str, summary: str):
         erase_method: Annotated[str | None, typer.Option(
             "--erase", help="Chain: first erase --forget with this method (method.*/task.* overrides), then attack.")
                                 ] = None,
+        concepts: ConceptsOpt = None,
+        anchor: AnchorOpt = None,
+        domain: DomainOpt = None,
         threads: ThreadsOpt = None,
+        allow_pickle: PickleOpt = False,
         overrides: OverridesArg = None,
     ) -> None:
         from diffunlearn import api
 
         notify = lambda line: typer.echo(line, err=True)  # noqa: E731
         progress = sys.stderr.isatty()
+        overrides = with_pickle(overrides, allow_pickle)
+        options = {"concepts": concepts, "anchor": anchor, "domain": domain}
         if erase_method:
             if out or original or config:
                 fail("--erase chains two runs in their default directories; drop --out/--original/--config")
             _, result = guarded(lambda: api.erase_then_attack(erase_method, name, split_names(forget) or [],
-                                                              model, overrides or [], threads, progress, notify))
+                                                              model, overrides or [], threads, progress, notify,
+                                                              **options))
         else:
             result = guarded(lambda: api.attack(name, model, split_names(forget), config, out, overrides or [],
-                                                threads, progress, original, notify))
+                                                threads, progress, original, notify, **options))
         if not result.skipped:
             _print_attack_summary(result.metrics, result.out)
 
@@ -158,29 +244,36 @@ def evaluate(
     model: ModelOpt = None,
     forget: ForgetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for evaluation.json.")] = None,
+    concepts: ConceptsOpt = None,
+    domain: DomainOpt = None,
     threads: ThreadsOpt = None,
+    allow_pickle: PickleOpt = False,
     overrides: OverridesArg = None,
 ) -> None:
-    """Evaluate a model on forget concepts: UA, IRA, CRA, AR, FID/KID, with confidence intervals."""
+    """Evaluate a model on forget concepts: UA, IRA, CRA, AR, FID/KID, with confidence intervals
+    (eval.evaluator chooses the judge: canvas, clip:PATH, nudenet, classifier:PATH).
+
+    Overrides: eval.<key>=value only."""
     from diffunlearn import api
 
     metrics = guarded(lambda: api.evaluate(model, split_names(forget), out, overrides or [], threads,
-                                           progress=sys.stderr.isatty()))
+                                           progress=sys.stderr.isatty(), allow_pickle=allow_pickle,
+                                           concepts=concepts, domain=domain))
     _print_summary(metrics, out)
 
 
 @app.command("ls")
-def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | metrics")]) -> None:
-    """List the registered methods, the attacks and their options, the testbed's concepts, or the metrics."""
-    from diffunlearn.data import canvas
+def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | metrics | evaluators")],
+       concepts: ConceptsOpt = None) -> None:
+    """List the registered methods, the attacks and their options, a concept set's concepts (the canvas,
+    or --concepts FILE), the metrics, or the evaluators (`eval.evaluator=NAME[:PATH]`)."""
     from diffunlearn.methods import methods
 
     if what == "methods":
         for name in methods.names():
             typer.echo(f"{name:14s} {methods.help(name)}")
     elif what == "concepts":
-        typer.echo("style:  " + " ".join(canvas.STYLES) + f"   (neutral: {canvas.NEUTRAL_STYLE})")
-        typer.echo("object: " + " ".join(canvas.OBJECTS) + f"   (neutral: {canvas.NEUTRAL_OBJECT})")
+        _list_concepts(concepts)
     elif what == "attacks":
         from diffunlearn.attacks import attacks
 
@@ -196,8 +289,15 @@ def ls(what: Annotated[str, typer.Argument(help="methods | attacks | concepts | 
 
         for name, text in METRIC_HELP.items():
             typer.echo(f"{name:12s} {text}")
+    elif what == "evaluators":
+        from diffunlearn.metrics.evaluators import evaluators
+
+        for name in evaluators.names():
+            typer.echo(f"{name:12s} {evaluators.help(name)}")
+        typer.echo(f"{'none':12s} no evaluator: runs still erase, save and write samples; metrics are not computed")
+        typer.echo("FID/KID features: eval.fid_features=evaluator | inception:FILE.pth | none")
     else:
-        fail(f"unknown listing '{what}'; valid: methods, attacks, concepts, metrics")
+        fail(f"unknown listing '{what}'; valid: methods, attacks, concepts, metrics, evaluators")
 
 
 @app.command()
@@ -225,6 +325,39 @@ def demo(
 # ---- benchmark grids -------------------------------------------------------------------------
 
 RootOpt = Annotated[Path, typer.Option("--root", help="Results folder: results.sqlite and <recipe>/ run folders.")]
+
+
+ForgetSetOpt = Annotated[list[str] | None, typer.Option(
+    "--forget-set", help="NAME=C1,C2: the recipe's forget set NAME holds these concepts instead (repeatable; for a "
+                         "real model's concept set, with --concepts).")]
+
+
+def _bench_recipe(recipe: str, concepts: str | None, domain: str | None, anchor: str | None,
+                  forget_set: list[str] | None):
+    """The recipe, on the concept set the flags give (the recipe's `task:` block otherwise)."""
+    from diffunlearn.bench.recipe import load_recipe as load_bench_recipe
+    from diffunlearn.bench.recipe import with_concepts
+
+    loaded = guarded(lambda: load_bench_recipe(recipe))
+    sets: dict[str, list[str]] = {}
+    for text in forget_set or []:
+        name, sep, names = text.partition("=")
+        if not sep or not name.strip() or not split_names(names):
+            fail(f"--forget-set takes NAME=CONCEPT[,CONCEPT...], got '{text}'")
+        sets[name.strip()] = split_names(names) or []
+    if concepts is None and domain is None and anchor is None and not sets:
+        return loaded
+    return guarded(lambda: with_concepts(loaded, concepts, domain, anchor, sets))
+
+
+def _recipe_flags(model: Path | None, protocol: str, concepts: str | None, domain: str | None, anchor: str | None,
+                  forget_set: list[str] | None) -> str:
+    """The flags that select a recipe's runs, as the command that made them shows them."""
+    import shlex
+
+    flags = [("--model", model), ("--protocol", None if protocol == "fast" else protocol), ("--concepts", concepts),
+             ("--domain", domain), ("--anchor", anchor), *(("--forget-set", f) for f in forget_set or [])]
+    return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in flags if value is not None)
 
 
 def _bench_guarded(fn: Callable[[], T]) -> T:
@@ -255,6 +388,10 @@ def bench(
     cluster: Annotated[str | None, typer.Option(help="slurm: submitit cluster (slurm, local, debug); default: "
                                                      "Slurm when available, else local.")] = None,
     partition: Annotated[str | None, typer.Option(help="slurm: partition.")] = None,
+    concepts: ConceptsOpt = None,
+    domain: DomainOpt = None,
+    anchor: AnchorOpt = None,
+    forget_set: ForgetSetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and the estimated time; run nothing.")
                        ] = False,
 ) -> None:
@@ -263,6 +400,8 @@ def bench(
 
     `diffunlearn bench ls` lists the shipped recipes; `diffunlearn results RECIPE` prints the
     leaderboard and the claims; `diffunlearn report RECIPE --out report.html` writes the report.
+    On a real model (`--model`), name its concept set with --concepts (or --domain for free text)
+    and each forget set's concepts with --forget-set; give the same flags to `results` and `report`.
     """
     from diffunlearn.bench import default_jobs, expand, load_recipe, run_bench, shipped_recipes
 
@@ -273,7 +412,7 @@ def bench(
             typer.echo(f"{name:12s} {r.estimate.runs:4d} runs  ~{r.estimate.minutes:4.0f} min  {r.paper}: "
                        f"{first[:90]}")
         return
-    loaded = guarded(lambda: load_recipe(recipe))
+    loaded = _bench_recipe(recipe, concepts, domain, anchor, forget_set)
     seed_list = [int(s) for s in split_names(seeds)] if seeds else None
     group_list = split_names(groups)
     if executor not in ("local", "ray", "slurm"):
@@ -297,6 +436,9 @@ def bench(
                f"({result.seconds / 60:.1f} min); `diffunlearn results {loaded.name}` for the leaderboard")
     if result.failed:
         typer.echo("failed: " + ", ".join(result.failed) + f" (logs in {root / loaded.name / 'logs'})", err=True)
+    if result.diverged:
+        typer.echo("diverged (NaN/inf; not retried: change the settings, e.g. a lower method.lr): "
+                   + ", ".join(result.diverged), err=True)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -308,13 +450,16 @@ def results(
     model: ModelOpt = None,
     protocol: Annotated[str, typer.Option(help="The protocol the recipe ran with.")] = "fast",
     csv: Annotated[Path | None, typer.Option(help="Also write one row per run (all metrics) to this CSV.")] = None,
+    concepts: ConceptsOpt = None,
+    domain: DomainOpt = None,
+    anchor: AnchorOpt = None,
+    forget_set: ForgetSetOpt = None,
 ) -> None:
     """Print a recipe's leaderboard (means with 95% t-intervals over seeds) and its claims' verdicts."""
-    from diffunlearn.bench import load_recipe
     from diffunlearn.bench.results import results as frame_of
     from diffunlearn.bench.results import summary_text
 
-    loaded = guarded(lambda: load_recipe(recipe))
+    loaded = _bench_recipe(recipe, concepts, domain, anchor, forget_set)
     frame = guarded(lambda: frame_of(loaded, root, model=model, protocol=protocol))
     typer.echo(summary_text(loaded, frame))
     if csv:
@@ -329,13 +474,16 @@ def report(
     root: RootOpt = Path("runs/bench"),
     model: ModelOpt = None,
     protocol: Annotated[str, typer.Option(help="The protocol the recipe ran with.")] = "fast",
+    concepts: ConceptsOpt = None,
+    domain: DomainOpt = None,
+    anchor: AnchorOpt = None,
+    forget_set: ForgetSetOpt = None,
 ) -> None:
     """Write a recipe's report: one self-contained HTML file (claims, leaderboard, plots, samples)."""
-    from diffunlearn.bench import bench_report, load_recipe
+    from diffunlearn.bench import bench_report
 
-    loaded = guarded(lambda: load_recipe(recipe))
-    command = f"diffunlearn bench {recipe}" + (f" --model {model}" if model else "") + (
-        f" --protocol {protocol}" if protocol != "fast" else "")
+    loaded = _bench_recipe(recipe, concepts, domain, anchor, forget_set)
+    command = f"diffunlearn bench {recipe}" + _recipe_flags(model, protocol, concepts, domain, anchor, forget_set)
     path = guarded(lambda: bench_report(loaded, out, root, model=model, protocol=protocol, command=command))
     typer.echo(f"report: {path}")
 
@@ -359,12 +507,13 @@ def pretrain_model(
     """Train the testbed text-to-image model (UNet + text encoder) from the committed recipe."""
     from diffunlearn.config import PretrainModelConfig
 
+    guarded(lambda: check_threads(threads))
     cfg = load_recipe(PretrainModelConfig, "pretrain-model.yaml", config, overrides)
     from diffunlearn.pretrain import install_assets
     from diffunlearn.pretrain import pretrain_model as train
     from diffunlearn.runs.resolve import ASSETS
 
-    train(cfg, out, threads, progress=sys.stderr.isatty())
+    guarded(lambda: train(cfg, out, threads, progress=sys.stderr.isatty()))
     if install:
         install_assets(out / "model", None, ASSETS)
     typer.echo(f"model written to {out / 'model'}")
@@ -381,15 +530,28 @@ def pretrain_evaluators(
     """Train the style and object evaluator classifiers on real canvas images."""
     from diffunlearn.config import PretrainEvaluatorConfig
 
+    guarded(lambda: check_threads(threads))
     cfg = load_recipe(PretrainEvaluatorConfig, "pretrain-evaluators.yaml", config, overrides)
     from diffunlearn.pretrain import install_assets
     from diffunlearn.pretrain import pretrain_evaluators as train
     from diffunlearn.runs.resolve import ASSETS
 
-    _, figures = train(cfg, out, threads, progress=sys.stderr.isatty())
+    _, figures = guarded(lambda: train(cfg, out, threads, progress=sys.stderr.isatty()))
     if install:
         install_assets(None, out / "evaluators", ASSETS)
     typer.echo(f"evaluators written to {out / 'evaluators'}: {figures}")
+
+
+def _list_concepts(name_or_file: str | None) -> None:
+    from diffunlearn.data.concepts import resolve_concept_set
+
+    cset = guarded(lambda: resolve_concept_set(name_or_file, [], None, "testbed" if not name_or_file else None))
+    typer.echo(f"concept set {cset.name} ({cset.source}; images: {cset.images.source})")
+    for domain in cset.domains.values():
+        neutral = f"   (neutral: {domain.neutral.name})" if domain.neutral else ""
+        typer.echo(f"{domain.name + ':':8s}" + ", ".join(domain.erasable) + neutral)
+    if not name_or_file:
+        typer.echo("other models: any words, e.g. --forget \"Van Gogh\" --domain style, or --concepts FILE.yaml")
 
 
 def _print_summary(metrics: dict, out: Path | None) -> None:
@@ -400,6 +562,8 @@ def _print_summary(metrics: dict, out: Path | None) -> None:
     if before:
         shown = [k for k in keys if isinstance(before.get(k), int | float)]
         typer.echo("before: " + " ".join(f"{k}={before[k]:.1f}" for k in shown))
+    if after.get("not_computed"):
+        typer.echo(after["not_computed"])
     if out:
         typer.echo(f"written to {out}")
 

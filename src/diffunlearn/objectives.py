@@ -18,11 +18,11 @@ validated without it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from diffunlearn.data import canvas
-from diffunlearn.data.tasks import UnlearningTask, swap_concept
+from diffunlearn.data.tasks import UnlearningTask
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +48,14 @@ class Term:
     norm: Literal["squared", "l2"] = "squared"  # l2: unsquared per-sample norm (AdvAnchor, [001] eq. 11)
     generation_steps: int = 50  # images="generated": DDIM steps of the sampler (ESD: 50)
     generation_guidance: float = 3.0  # images="generated": its guidance scale (ESD: 3)
-    generator: Literal["teacher", "student"] = "teacher"  # images="generated": which weights sample
+    # images="generated": x_t is the state after k DDIM steps, k uniform in [first_stop, generation_steps - 1],
+    # trained at that state's timestep. 0 as the official ESD code (esd_sd.py: run_till_timestep =
+    # random.randint(0, 49)), where k = 0 trains on the initial noise at the first DDIM timestep.
+    first_stop: int = 0
+    # images="generated": draw each sample's training timestep uniformly from the DDPM steps of
+    # the DDIM interval it stopped in, [t_stop, t_stop + stride), as SDD's train_sdd.py does;
+    # off: t = t_stop, the exact level of x_t (ESD's esd_sd.py)
+    timestep_jitter: bool = False
 
 
 @dataclass
@@ -66,58 +73,70 @@ class TermBatch:
 
 
 def sample_items(task: UnlearningTask, source: ImageSource, n: int, gen: torch.Generator):
-    """Images and their prompts of every kind for `n` items drawn from `source`."""
+    """Images and their prompts of every kind for `n` items drawn from `source`.
+
+    `anchor` shows, under the forget prompt, the anchor concept's image (the item with its
+    forget concept swapped, DiMUM's D_u' and CA's anchor images); an empty anchor (no concept
+    to steer to) is the item without the concept, prompted by the empty prompt.
+    """
     import torch
 
-    pairs = task.forget_pairs() if source in ("forget", "anchor") else task.retain_pairs()
-    if not pairs:
+    items = task.forget_items() if source in ("forget", "anchor") else task.retain_items()
+    if not items:
         raise ValueError(f"the task has no {source} images")
-    pick = torch.randint(0, len(pairs) * task.images_per_pair, (n,), generator=gen).tolist()
-    images, prompts = [], {"forget": [], "anchor": [], "retain": [], "empty": []}
+    per_item = task.images_per_prompt
+    pick = torch.randint(0, len(items) * per_item, (n,), generator=gen).tolist()
+    shown, indices, prompts = [], [], {"forget": [], "anchor": [], "retain": [], "empty": []}
     for flat in pick:
-        pair, index = pairs[flat // task.images_per_pair], flat % task.images_per_pair
-        own = canvas.full_prompt(*pair)
-        if source == "retain":
-            anchor_pair = pair
-        else:
-            concept = task.forget_concept_of(pair)
-            options = task.anchor_map.get(concept) or [concept]
+        item, index = items[flat // per_item], flat % per_item
+        own = task.prompt(item)
+        anchor_item, anchor_prompt = item, own
+        if source != "retain":
+            concept = task.forget_concept_of(item)
+            options = task.anchor_map.get(concept, [concept]) or [None]
             anchor = options[int(torch.randint(0, len(options), (1,), generator=gen))]
-            anchor_pair = swap_concept(*pair, concept, anchor)
-        shown = anchor_pair if source == "anchor" else pair
-        images.append(torch.from_numpy(task.pair_images(shown)[index]))
+            anchor_item = item.swapped(concept, anchor) if anchor else item.without(concept)
+            anchor_prompt = task.anchor_prompt(item, concept, anchor)
+        shown.append(anchor_item if source == "anchor" else item)
+        indices.append(index)
         prompts["forget"].append(own)
         prompts["retain"].append(own)
-        prompts["anchor"].append(canvas.full_prompt(*anchor_pair))
+        prompts["anchor"].append(anchor_prompt)
         prompts["empty"].append("")
-    return torch.stack(images), prompts
+    return shown, indices, prompts
 
 
 def draw_batch(backend: Backend, task: UnlearningTask, source: ImageSource, n: int,
                gen: torch.Generator) -> TermBatch:
     import torch
 
-    images, prompts = sample_items(task, source, n, gen)
-    x0 = backend.to_model_space(images.to(backend.device))
+    items, indices, prompts = sample_items(task, source, n, gen)
+    x0 = task.model_space(backend, items, indices, gen)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     t = torch.randint(0, backend.num_train_timesteps, (n,), generator=gen).to(x0.device)
     return TermBatch(x0, noise, t, prompts)
 
 
 def generate_batch(backend: Backend, term: Term, task: UnlearningTask, n: int, gen: torch.Generator) -> TermBatch:
-    """x_t sampled from the forget prompts and stopped at a random DDIM step, as the official
-    ESD code does (data-free) and SDD does with the student."""
+    """x_t sampled from the forget prompts and stopped after a random number of DDIM steps
+    (`term.first_stop` to `generation_steps - 1`, one draw per batch), by the teacher weights: the
+    frozen original for ESD (data-free, as the official esd_sd.py), the EMA for SDD (a ParamsView's
+    teacher, as train_sdd.py)."""
     import torch
 
-    _, prompts = sample_items(task, "forget", n, gen)
+    _, _, prompts = sample_items(task, "forget", n, gen)
     timesteps = backend.ddim_timesteps(term.generation_steps)
-    t_stop = timesteps[int(torch.randint(1, len(timesteps), (1,), generator=gen))]
+    if not 0 <= term.first_stop < len(timesteps):
+        raise ValueError(f"term '{term.name}': first_stop {term.first_stop} must lie in [0, {len(timesteps) - 1}]")
+    t_stop = timesteps[int(torch.randint(term.first_stop, len(timesteps), (1,), generator=gen))]
     seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
-    params = backend.teacher_params() if term.generator == "teacher" else None
     x_t = backend.sample(prompts["forget"], seeds, steps=term.generation_steps, guidance=term.generation_guidance,
-                         stop_at=t_stop, params=params or None)
-    t = torch.full((n,), t_stop, dtype=torch.long, device=x_t.device)
-    return TermBatch(None, None, t, prompts, x_t=x_t)
+                         stop_at=t_stop, params=backend.teacher_params() or None)
+    t = torch.full((n,), t_stop, dtype=torch.long)
+    if term.timestep_jitter:
+        stride = timesteps[0] - timesteps[1]
+        t = t + torch.randint(0, stride, (n,), generator=gen)
+    return TermBatch(None, None, t.to(x_t.device), prompts, x_t=x_t)
 
 
 def make_batch(backend: Backend, task: UnlearningTask, term: Term, n: int, gen: torch.Generator) -> TermBatch:
@@ -199,33 +218,44 @@ def denoising_loss(backend: Backend, x0: torch.Tensor, prompts: list[str], gen: 
     return (pred.float() - noise).pow(2).mean()
 
 
-def forget_gradient_magnitudes(backend: Backend, task: UnlearningTask, batch_size: int, batches: int,
-                               seed: int) -> dict[str, torch.Tensor]:
-    """Sum over `batches` forget batches of |grad| of the plain denoising loss on D_f, per trainable
-    weight: the saliency of SalUn and the gradient half of Scissorhands' connection sensitivity."""
+def forget_gradients(backend: Backend, task: UnlearningTask, batch_size: int, batches: int, seed: int,
+                     guidance: float = 0.0) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield, for each of `batches` forget batches, the gradient per trainable weight of
+
+        E_{D_f} || eps - [(1 + w) eps_theta(x_t, c_f) - w eps_theta(x_t, "")] ||^2,   w = `guidance`
+
+    (w = 0: the plain conditional denoising loss). SalUn's saliency and Scissorhands' connection
+    sensitivity are built from these, each combining the batches as its official code does.
+    Batch k is drawn with its own generator (seed, -1 - k), so the scores do not depend on the
+    training steps' randomness; the gradients are left cleared."""
     import torch
 
     from diffunlearn.engine.loop import step_generator
 
     params = dict(backend.named_trainable())
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    forget = [Term("forget", images="forget", prompt="forget", target="gaussian")]
-    for k in range(batches):
+    try:
+        for k in range(batches):
+            for p in params.values():
+                p.grad = None
+            batch = draw_batch(backend, task, "forget", batch_size, step_generator(seed, -1 - k))
+            x_t = batch.noisy(backend)
+            requests = [(x_t, batch.t, batch.prompts["forget"])]
+            if guidance:  # cond and uncond in one forward (DESIGN.md rule 6)
+                requests.append((x_t, batch.t, batch.prompts["empty"]))
+            eps = _batched(backend.eps, requests, backend)
+            pred = eps[0] if not guidance else (1 + guidance) * eps[0] - guidance * eps[1]
+            (pred - batch.noise).pow(2).mean().backward()
+            # fresh tensors each batch (p.grad was None), so the caller may keep them
+            yield {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+    finally:
         for p in params.values():
             p.grad = None
-        loss, _ = compute_loss(forget, backend, task, batch_size, step_generator(seed, -1 - k))
-        loss.backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                total[n] += p.grad.abs()
-    for p in params.values():
-        p.grad = None
-    return total
 
 
 class ParamsView:
     """The backend with named parameters replaced: `student` in trainable forwards (EraseDiff's
-    phi), `teacher` in frozen ones (SDD's EMA). Everything else is the backend's."""
+    phi), `teacher` in frozen forwards and in the sampler of generated x_t (SDD's EMA, which
+    both samples x_t and is the model SDD delivers). Everything else is the backend's."""
 
     def __init__(self, backend: Backend, student=None, teacher=None):
         self._backend, self._student, self._teacher = backend, student, teacher
@@ -240,6 +270,9 @@ class ParamsView:
 
         with torch.no_grad():
             return self._backend.eps(x_t, t, cond, params=self._teacher)
+
+    def teacher_params(self) -> dict[str, torch.Tensor]:
+        return self._backend.teacher_params() if self._teacher is None else self._teacher
 
     def __getattr__(self, name):
         return getattr(self._backend, name)

@@ -48,25 +48,32 @@ def training_pairs(exclude: list[str]) -> list[tuple[str, str]]:
 
 
 def pretrain_model(cfg: PretrainModelConfig, out: Path, threads: int | None = None,
-                   progress: bool = True, like: T2IModel | None = None) -> T2IModel:
-    """Train the testbed model (UNet and text encoder jointly); resumable from `out/checkpoint`.
+                   progress: bool = True, like: T2IModel | None = None,
+                   train_text_encoder: bool | None = None) -> T2IModel:
+    """Train the testbed model; resumable from `out/checkpoint`.
 
-    `like`: train a fresh model of that model's architecture instead of `cfg.arch` (retrain).
+    `like`: train a fresh UNet of that model's architecture instead of `cfg.arch` (retrain),
+    keeping `like`'s text encoder frozen, as retraining Stable Diffusion keeps its CLIP text
+    encoder. `train_text_encoder` (default: only when building from `cfg.arch`) trains a fresh
+    text encoder jointly with the UNet, as the shipped model was made.
     """
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
+    if train_text_encoder is None:
+        train_text_encoder = like is None
     if like is not None:
-        model = like.reinitialized(cfg.train.seed)
+        model = like.reinitialized(cfg.train.seed, keep_text_encoder=not train_text_encoder)
     else:
         model = build_testbed(canvas.vocabulary(), cfg.arch.model_dump())
     pairs = training_pairs(cfg.data.exclude)
     pool, pool_pairs = render_pool(pairs, cfg.data.images_per_pair, cfg.data.seed, size=model.image_shape[-1])
     text_encoder, unet = model.text_encoder, model.unet
-    text_encoder.requires_grad_(True).train()
+    text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
     unet.train()
     params = {f"unet.{n}": p for n, p in unet.named_parameters()}
-    params |= {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()}
+    if train_text_encoder:
+        params |= {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()}
     tokenized: dict[str, torch.Tensor] = {}
     snr_weights = min_snr_weights(model.alphas_cumprod, cfg.train.min_snr_gamma)
 
@@ -83,8 +90,11 @@ def pretrain_model(cfg: PretrainModelConfig, out: Path, threads: int | None = No
         x0 = pool[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, model.num_train_timesteps, (len(idx),), generator=gen)
+        if not train_text_encoder:
+            cond = model.encode(prompts)  # the frozen encoder's float32 output, as sampling sees it
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
-            cond = text_encoder(tokens(prompts))[0]
+            if train_text_encoder:
+                cond = text_encoder(tokens(prompts))[0]
             pred = unet(model.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * snr_weights[t]).mean()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
+from diffunlearn.backends.base import PARAM_GROUPS
 from diffunlearn.config import TrainConfig
 from diffunlearn.objectives import denoising_loss
 
@@ -33,7 +34,7 @@ LORA_ADAPTER = "attack"
 class AttackConfig(TrainConfig):
     """The shared loop's settings plus how the attack trains and how often it is watched."""
 
-    param_group: Literal["xattn", "xattn-kv", "noxattn", "full"] = Field(
+    param_group: Literal[PARAM_GROUPS] = Field(
         "full", description="which UNet weights train in full mode (backends/base.py PARAM_GROUPS)")
     mode: Literal["full", "lora"] = Field("full", description="full: train param_group; lora: a peft LoRA on "
                                           "every attention projection, merged into the weights at the end")
@@ -51,7 +52,7 @@ class AttackData:
     images: torch.Tensor
     prompts: list[str]
     info: dict[str, Any] = field(default_factory=dict)
-    pairs: list[tuple[str, str]] = field(default_factory=list)  # the (style, object) each image shows
+    shown: list[tuple[str, ...]] = field(default_factory=list)  # the concepts each image shows
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -63,7 +64,7 @@ class AttackData:
         return self.images[pick], [self.prompts[int(i)] for i in pick]
 
     def concepts(self) -> set[str]:
-        return {c for pair in self.pairs for c in pair}
+        return {c for concepts in self.shown for c in concepts}
 
 
 class Attack:

@@ -3,10 +3,10 @@
 Fine-tunes the unlearned model with the plain denoising loss
     L_DiMRA = E_{t, (x0, c) in D_au, eps} || eps - eps_theta(x_t | c) ||^2
 on an auxiliary set D_au that contains no image of the erased concepts:
-- `data=retain`: assumption (i), the retain set D_r itself (the same pairs and images the
+- `data=retain`: assumption (i), the retain set D_r itself (the same prompts and images the
   unlearning used);
 - `data=heldout`: assumption (ii), a held-out split of the same distribution: the same retain
-  pairs, fresh canvas samples (CIFAR-10's test split in the paper);
+  prompts, fresh samples of the concept set's image source (CIFAR-10's test split in the paper);
 - `data=generated`: assumption (ii) as in the paper's UnlearnCanvas experiment: images generated
   by the *original* (pre-unlearning) model from the retain prompts, as many as D_r has.
 The caller evaluates every `eval_every` steps and reports the curve of AR (top-1/top-3), AR_CL
@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field
 
 from diffunlearn.attacks.base import ATTACK_INDEX_OFFSET, Attack, AttackConfig, AttackData
-from diffunlearn.data import canvas
+from diffunlearn.data.images import HELDOUT_OFFSET
 
 
 class RelearnConfig(AttackConfig):
@@ -46,21 +46,20 @@ class Relearn(Attack):
         import torch
 
         task = self.task
-        pairs = task.retain_pairs()
-        items = task.items(pairs)
-        prompts = [canvas.full_prompt(*pair) for pair, _ in items]
+        retain = task.retain_items()
+        items = [item for item in retain for _ in range(task.images_per_prompt)]
+        indices = [k for _ in retain for k in range(task.images_per_prompt)]
+        prompts = [task.prompt(item) for item in items]
         if self.cfg.data == "retain":
-            images = torch.stack([torch.from_numpy(task.pair_images(pair)[i]) for pair, i in items])
+            images = torch.from_numpy(task.images(items, indices))
         elif self.cfg.data == "heldout":
-            rendered, _ = canvas.render_batch([pair for pair, _ in items],
-                                              [canvas.HELDOUT_OFFSET + ATTACK_INDEX_OFFSET + i for _, i in items],
-                                              seed=task.seed, size=task.image_size)
-            images = torch.from_numpy(rendered)
+            held = [HELDOUT_OFFSET + ATTACK_INDEX_OFFSET + k for k in indices]
+            images = torch.from_numpy(task.source.images(items, held, task.image_size))
         else:
             seeds = [ATTACK_INDEX_OFFSET + k for k in range(len(items))]
             images = self.original.sample(prompts, seeds, steps=self.cfg.generation_steps,
                                           guidance=self.cfg.generation_guidance).float().cpu()
         assumption = "i" if self.cfg.data == "retain" else "ii"
-        info = {"data": self.cfg.data, "assumption": assumption, "pairs": len(pairs),
-                "images_per_pair": task.images_per_pair, "size": len(items)}
-        return AttackData(images, prompts, info, pairs=[pair for pair, _ in items])
+        info = {"data": self.cfg.data, "assumption": assumption, "prompts": len(retain),
+                "images_per_prompt": task.images_per_prompt, "size": len(items)}
+        return AttackData(images, prompts, info, shown=[item.concepts for item in items])

@@ -12,10 +12,11 @@ The fine-tuning set follows [000]'s protocols:
   (§5.1); `binning=equal-width` is App. C.2's variant (three equal-width bins of the
   **minimum** similarity). `tercile` picks the group;
 - `out-of-domain`: concepts of the other domain (objects after erasing a style).
-Every concept is shown alone: a style on the neutral object (`none`), an object in the neutral
-style (`plain`), so no other in-domain concept appears. Captions come from five templates
-(words of the testbed's vocabulary); images are fresh canvas samples, or the original model's
-generations (`images=generated`, as the paper generated its sets).
+Every concept is shown alone, captioned by its domain's templates in the concept set (the
+canvas has five per domain; a style is drawn on the neutral object, an object in the neutral
+style, so no other in-domain concept appears); images are fresh held-out samples of the set's
+image source, or the original model's generations from the captions (`images=generated`, as
+the paper generated its sets).
 """
 
 from __future__ import annotations
@@ -27,13 +28,9 @@ from typing import Literal
 from pydantic import Field
 
 from diffunlearn.attacks.base import ATTACK_INDEX_OFFSET, Attack, AttackConfig, AttackData
-from diffunlearn.data import canvas
+from diffunlearn.data.images import HELDOUT_OFFSET
 from diffunlearn.data.tasks import TaskError
 
-STYLE_TEMPLATES = ("an image in {c} style", "an image of none in {c} style", "a {c} pattern", "{c} art",
-                   "an image of the {c} pattern")
-OBJECT_TEMPLATES = ("an image of {c}", "an image of {c} in plain style", "a {c} shape", "the {c} object",
-                    "an image of the {c}")
 TERCILES = ("low", "middle", "high")
 
 
@@ -46,8 +43,9 @@ class ResurgenceConfig(AttackConfig):
                                 "equal-width bins of the min similarity (App. C.2)")
     concepts: int = Field(10, ge=1, description="concepts in the set (paper: 10; capped by those available)")
     images_per_prompt: int = Field(5, ge=1, description="images per concept and template (paper: 5)")
-    images: Literal["canvas", "generated"] = Field(
-        "canvas", description="fresh canvas samples, or generations of the original model")
+    images: Literal["source", "generated"] = Field(
+        "source", description="fresh held-out samples of the concept set's images, or generations of the original "
+                              "model from the captions")
     data_seed: int = Field(0, description="seed of the concept choice")
 
 
@@ -55,7 +53,11 @@ class Resurgence(Attack):
     Config = ResurgenceConfig
     paper = "[000] §3, §5, App. C"
     profiles = {
-        "paper": {"steps": 1000, "lr": 1e-5, "batch_size": 4, "param_group": "full", "eval_every": 250},
+        # LoRA is [000]'s primary fine-tuning (§4.3; full fine-tuning is its Fig. 8 comparison); [000] gives no
+        # LoRA settings, so rank 4 on the attention projections at lr 1e-4 with gradients clipped at 1.0, the
+        # defaults of diffusers' train_text_to_image_lora.py
+        "paper": {"steps": 1000, "lr": 1e-4, "batch_size": 4, "mode": "lora", "lora_rank": 4, "grad_clip": 1.0,
+                  "eval_every": 250},
         # measured on the ESD run forgetting `dotted` (300 steps, random styles): full fine-tuning wrecks the
         # model on this narrow set (lr 1e-4: retain acc 86 -> 51.5, FID 12 -> 284; lr 2e-5: 86 -> 59.5, FID 175);
         # LoRA, the paper's primary setting, at lr 1e-4: retain acc 86 -> 81.8, FID 12 -> 28.7 (chosen)
@@ -66,40 +68,41 @@ class Resurgence(Attack):
         import torch
 
         concepts, info = self.choose_concepts()
-        pairs, prompts, indices = [], [], []
+        cset, per_prompt = self.task.concept_set, self.cfg.images_per_prompt
+        items, indices = [], []
         for concept in concepts:
-            pair = shown_alone(concept)
-            templates = STYLE_TEMPLATES if canvas.concept_domain(concept) == "style" else OBJECT_TEMPLATES
-            for k, template in enumerate(templates):
-                for i in range(self.cfg.images_per_prompt):
-                    pairs.append(pair)
-                    prompts.append(template.format(c=concept))
-                    indices.append(canvas.HELDOUT_OFFSET + ATTACK_INDEX_OFFSET + k * self.cfg.images_per_prompt + i)
-        if self.cfg.images == "canvas":
-            images = torch.from_numpy(canvas.render_batch(pairs, indices, seed=self.task.seed,
-                                                          size=self.task.image_size)[0])
+            for k, item in enumerate(cset.alone_items(concept)):
+                items += [item] * per_prompt
+                indices += [HELDOUT_OFFSET + ATTACK_INDEX_OFFSET + k * per_prompt + i for i in range(per_prompt)]
+        prompts = [cset.render(item) for item in items]
+        if self.cfg.images == "source":
+            images = torch.from_numpy(self.task.source.images(items, indices, self.task.image_size))
         else:
-            images = self.original.sample([canvas.full_prompt(*p) for p in pairs], indices,
-                                          steps=self.cfg.generation_steps,
+            images = self.original.sample(prompts, indices, steps=self.cfg.generation_steps,
                                           guidance=self.cfg.generation_guidance).float().cpu()
-        info |= {"concepts": concepts, "templates": len(STYLE_TEMPLATES), "images_per_prompt":
-                 self.cfg.images_per_prompt, "images": self.cfg.images}
-        return AttackData(images, prompts, info, pairs=pairs)
+        templates = {c: len(cset.alone_items(c)) for c in concepts}
+        info |= {"concepts": concepts, "templates": templates, "images_per_prompt": per_prompt,
+                 "images": self.cfg.images}
+        return AttackData(images, prompts, info, shown=[item.concepts for item in items])
 
     def choose_concepts(self) -> tuple[list[str], dict]:
         rng = random.Random(self.cfg.data_seed)
-        forget = self.task.forget
-        domains = {canvas.concept_domain(c) for c in forget}
+        forget, cset = self.task.forget, self.task.concept_set
+        domains = {cset.domain_of(c) for c in forget}
         if self.cfg.data == "out-of-domain":
             if len(domains) > 1:
                 raise TaskError("resurgence data=out-of-domain needs forget concepts of one domain")
-            candidates = [c for c in canvas.erasable_concepts() if canvas.concept_domain(c) not in domains]
+            candidates = [c for c in cset.erasable() if cset.domain_of(c) not in domains]
+            if not candidates:
+                raise TaskError(f"resurgence data=out-of-domain: concept set {cset.name} has no other domain")
         else:
-            candidates = [c for c in canvas.erasable_concepts()
-                          if canvas.concept_domain(c) in domains and c not in forget]
+            candidates = [c for c in cset.erasable() if cset.domain_of(c) in domains and c not in forget]
+        if not candidates:
+            raise TaskError(f"resurgence: no {self.cfg.data} concepts to fine-tune on in concept set {cset.name}; "
+                            "give retain concepts (--retain) or a concept set with more concepts")
         info: dict = {"data": self.cfg.data, "candidates": len(candidates)}
         if self.cfg.data == "terciles":
-            similarity = concept_similarity(self.backend, candidates, forget)
+            similarity = concept_similarity(self.backend, cset, candidates, forget)
             groups, scores = tercile_groups(similarity, self.cfg.binning)
             candidates = groups[self.cfg.tercile]
             info |= {"tercile": self.cfg.tercile, "binning": self.cfg.binning, "scores": scores,
@@ -112,21 +115,15 @@ class Resurgence(Attack):
         return chosen, info
 
 
-def shown_alone(concept: str) -> tuple[str, str]:
-    """The (style, object) pair that shows `concept` and no other erasable concept."""
-    if canvas.concept_domain(concept) == "style":
-        return concept, canvas.NEUTRAL_OBJECT
-    return canvas.NEUTRAL_STYLE, concept
-
-
-def concept_similarity(backend, candidates: list[str], erased: list[str]) -> dict[str, dict[str, float]]:
+def concept_similarity(backend, cset, candidates: list[str], erased: list[str]) -> dict[str, dict[str, float]]:
     """Cosine similarity of each candidate to each erased concept in the text encoder's output
-    space: the mean output at the concept's token(s) of its partial prompt."""
+    space: the mean output at the concept's token(s) of its first evaluation prompt (the
+    canvas' partial prompt)."""
     import torch
 
     def embedding(concept: str) -> torch.Tensor:
-        prompt = canvas.partial_prompt(concept)
-        positions = backend.token_positions(prompt, concept)
+        prompt = cset.render(cset.alone_items(concept, evaluation=True)[0])
+        positions = backend.token_positions(prompt, cset.text(concept))
         return backend.encode([prompt])[0, positions].float().mean(0)
 
     erased_vectors = {e: embedding(e) for e in erased}

@@ -15,12 +15,18 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-PARAM_GROUPS = ("xattn", "xattn-kv", "noxattn", "full")
+# A group name may end in LINEAR_CONV: only the parameters of its Linear and Conv layers train,
+# never a norm layer's (the official ESD code, esd_sd.py get_esd_trainable_parameters, selects
+# modules by name *and* by type Linear / Conv2d / LoRACompatibleLinear / LoRACompatibleConv).
+LINEAR_CONV = "-linconv"
+PARAM_GROUPS = ("xattn", "xattn-kv", "noxattn", "full", f"noxattn{LINEAR_CONV}", f"full{LINEAR_CONV}")
 PARAM_GROUP_HELP = {
     "xattn": "every projection of the cross-attention layers (attn2: to_q, to_k, to_v, to_out); ESD-x",
     "xattn-kv": "only attn2.to_k and attn2.to_v; ESD-x-strict, UCE, MACE",
-    "noxattn": "everything but the cross-attention layers; ESD-u",
-    "full": "every UNet parameter; ESD-all",
+    "noxattn": "everything but the cross-attention layers",
+    "full": "every UNet parameter",
+    f"noxattn{LINEAR_CONV}": "the Linear/Conv layers outside the cross-attention (no norm layers); ESD-u",
+    f"full{LINEAR_CONV}": "every Linear/Conv layer of the UNet (no norm layers); ESD-all",
 }
 
 
@@ -40,6 +46,9 @@ class Backend(Protocol):
 
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> the space the UNet denoises (identity in pixel space)."""
+
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean and std (None in pixel space) of the model-space distribution of images."""
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 

@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.func import functional_call
 
-from diffunlearn.backends.base import PARAM_GROUPS
+from diffunlearn.backends.base import LINEAR_CONV, PARAM_GROUPS
 from diffunlearn.backends.model_dir import (
     META_FILE,
     UNET_WEIGHTS,
     ModelDirError,
+    base_path_of,
     check_model_dir,
+    component_weights,
     model_content_hash,
 )
+from diffunlearn.io import atomic_write_text
 from diffunlearn.registry import UnknownNameError
 
 # diffusers and transformers are imported lazily inside functions: importing them costs
@@ -166,10 +171,10 @@ class T2IModel:
         self.autocast = False
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
-        size = self.meta.get("image_size", unet.config.sample_size)
         channels = unet.config.in_channels
-        self.image_shape = (channels, unet.config.sample_size, unet.config.sample_size)
-        self.pixel_size = size
+        self.image_shape = (channels, unet.config.sample_size, unet.config.sample_size)  # the UNet's space
+        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.pixel_size = int(self.meta.get("image_size", unet.config.sample_size * vae_factor))
         self._teacher: dict[str, torch.Tensor] = {}
         # cost accounting ([004] Table 4): UNet calls, images through them, backward passes
         self.counters = {"unet_forward": 0, "unet_forward_images": 0, "unet_backward": 0}
@@ -192,33 +197,49 @@ class T2IModel:
         return self
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> T2IModel:
-        """Load a local model folder or an erase run's model folder; never downloads."""
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", allow_pickle: bool = False) -> T2IModel:
+        """Load a local model folder or an erase run's model folder; never downloads. Pickle
+        weights (`.bin`) are refused unless `allow_pickle`, and then read with
+        torch.load(weights_only=True). Any failure to load is a one-line ModelDirError."""
+        path = Path(path)
+        meta = check_model_dir(path, allow_pickle)
+        try:
+            return cls._load(path, meta, device, allow_pickle)
+        except ModelDirError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, OverflowError, AttributeError,
+                pickle.UnpicklingError, SafetensorError) as err:
+            raise ModelDirError(f"cannot load model folder {path}: {_one_line(err)}") from None
+
+    @classmethod
+    def _load(cls, path: Path, meta: dict, device: str, allow_pickle: bool) -> T2IModel:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from safetensors.torch import load_file
         from transformers import CLIPTextModel
 
-        path = Path(path)
-        meta = check_model_dir(path)
         _quiet_hub_progress()
         if meta.get("base"):
-            base_path = Path(meta["base"]["path"])
-            base_path = base_path if base_path.is_absolute() else (path / base_path).resolve()
-            model = cls.from_pretrained(base_path, device)
+            base_path = base_path_of(path, meta)
+            model = cls.from_pretrained(base_path, device, allow_pickle)
             if model.content_hash() != meta["base"]["hash"]:
                 raise ModelDirError(f"{path} was trained from a base model with hash {meta['base']['hash']}, "
                                     f"but {base_path} now has hash {model.content_hash()}")
             changed = load_file(str(path / UNET_WEIGHTS), device=str(model.device))
-            missing = set(changed) - set(dict(model.unet.named_parameters()))
+            own = dict(model.unet.named_parameters())
+            missing = set(changed) - set(own)
             if missing:
-                raise ValueError(f"{path}: weights not in the base model: {sorted(missing)[:3]}")
+                raise ModelDirError(f"{path}: weights not in the base model: {sorted(missing)[:3]}")
+            wrong = [n for n, t in changed.items() if t.shape != own[n].shape]
+            if wrong:
+                raise ModelDirError(f"{path}: weight {wrong[0]} has shape {list(changed[wrong[0]].shape)}, the base "
+                                    f"model's {list(own[wrong[0]].shape)}")
             model.unet.load_state_dict(changed, strict=False)
             model.meta.update({k: v for k, v in meta.items() if k not in ("base",)})
             model.meta["base"] = meta["base"]
             model.path, model._hash = path, None
             return model
-        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True)
+        unet = _load_component(UNet2DConditionModel, path, "unet", allow_pickle)
+        text_encoder = _load_component(CLIPTextModel, path, "text_encoder", allow_pickle)
         scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"), local_files_only=True)
         if (path / "tokenizer" / "tokenizer_config.json").exists() and json.loads(
             (path / "tokenizer" / "tokenizer_config.json").read_text()).get("kind") == "word-level":
@@ -229,23 +250,39 @@ class T2IModel:
         if (path / "vae").exists():
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(str(path / "vae"), local_files_only=True)
+            vae = _load_component(AutoencoderKL, path, "vae", allow_pickle)
         meta = meta or {"kind": "diffusers", "guidance_scale": 7.5, "sample_steps": 50, "latent": vae is not None}
         model = cls(unet.eval(), text_encoder, tokenizer, scheduler, vae=vae, meta=meta, device=device)
         model.path = path
         return model
 
-    def reinitialized(self, seed: int) -> T2IModel:
-        """A model of the same architecture, tokenizer and schedule with fresh random weights
-        (retraining from scratch: the gold standard of unlearning)."""
+    def reinitialized(self, seed: int, keep_text_encoder: bool = True) -> T2IModel:
+        """A model of the same architecture, tokenizer and schedule with a fresh random UNet
+        (retraining from scratch: the gold standard of unlearning). `keep_text_encoder`: a copy
+        of this model's text encoder, as a Stable Diffusion retrain keeps CLIP; otherwise a fresh
+        random one too."""
+        import copy
+
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(self.unet.config)
-        text_encoder = CLIPTextModel(self.text_encoder.config)
+        text_encoder = (copy.deepcopy(self.text_encoder) if keep_text_encoder
+                        else CLIPTextModel(self.text_encoder.config))
         return T2IModel(unet, text_encoder, self.tokenizer, self.scheduler, vae=self.vae, meta=dict(self.meta),
                         device=self.device)
+
+    def text_encoder_hash(self) -> str:
+        """SHA-256 of the text encoder's weights (names, dtypes, shapes and bytes), independent of
+        where the model was loaded from."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.text_encoder.state_dict().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def load_weights_from(self, other: T2IModel) -> None:
         """Copy every UNet and text-encoder weight of `other` (same architecture) into this model."""
@@ -283,11 +320,11 @@ class T2IModel:
                 _drop_load_path(path / sub / "config.json")
             meta.pop("base", None)
             meta.pop("changed_params", None)
-        (path / "model_index.json").write_text(json.dumps(
+        atomic_write_text(path / "model_index.json", json.dumps(
             {"_class_name": "DiffunlearnT2I", "_diffusers_version": _diffusers_version(),
              "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
              "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
-        (path / META_FILE).write_text(json.dumps(meta, indent=2))
+        atomic_write_text(path / META_FILE, json.dumps(meta, indent=2))  # written last: it makes the folder a model
 
     def content_hash(self) -> str:
         if self._hash is None:
@@ -319,6 +356,16 @@ class T2IModel:
             return images
         with torch.no_grad():
             return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean and std of the model-space distribution of images: the scaled VAE posterior, or
+        the images themselves with no std in pixel space."""
+        if self.vae is None:
+            return images, None
+        dist = self.vae.encode(images).latent_dist
+        scale = self.vae.config.scaling_factor
+        return dist.mean * scale, dist.std * scale
 
     def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
@@ -364,6 +411,9 @@ class T2IModel:
         if name not in PARAM_GROUPS:
             raise UnknownNameError("parameter group", name, list(PARAM_GROUPS))
         named = dict(self.unet.named_parameters())
+        if name.endswith(LINEAR_CONV):
+            layers = self.linear_conv_parameter_names()
+            return {n: p for n, p in self.param_group(name.removesuffix(LINEAR_CONV)).items() if n in layers}
         if name == "full":
             return named
         if name == "xattn":
@@ -371,6 +421,14 @@ class T2IModel:
         if name == "xattn-kv":
             return {n: p for n, p in named.items() if ".attn2.to_k." in n or ".attn2.to_v." in n}
         return {n: p for n, p in named.items() if ".attn2." not in n}
+
+    def linear_conv_parameter_names(self) -> set[str]:
+        """Names of the UNet parameters owned by Linear or Conv layers (diffusers' LoRA-compatible
+        layers subclass them), i.e. everything but norm layers' affine weights."""
+        return {f"{module_name}.{n}" if module_name else n
+                for module_name, module in self.unet.named_modules()
+                if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+                for n, _ in module.named_parameters(recurse=False)}
 
     def set_trainable(self, group: str) -> dict[str, nn.Parameter]:
         params = self.param_group(group)
@@ -496,8 +554,9 @@ class T2IModel:
                ) -> torch.Tensor:
         """Deterministic DDIM with classifier-free guidance, cond and uncond in one forward.
 
-        `stop_at` returns the intermediate x_t after the step that reaches timestep <= stop_at
-        (ESD and SDD train on such states); otherwise the final images in [-1, 1].
+        `stop_at` returns the first state of the trajectory whose timestep is <= stop_at (the
+        initial noise when stop_at >= the first DDIM timestep; ESD and SDD train on such states);
+        otherwise the final images in [-1, 1].
         """
         steps = steps or int(self.meta.get("sample_steps", 25))
         guidance = self.guidance_scale if guidance is None else float(guidance)
@@ -515,6 +574,8 @@ class T2IModel:
         uncond = self.encode([""]).expand_as(cond)
         both = torch.cat([uncond, cond])
         timesteps = self.ddim_timesteps(steps)
+        if stop_at is not None and timesteps[0] <= stop_at:
+            return x  # zero steps: the initial noise is already at the first timestep
         clip = self.vae is None
         for i, t in enumerate(timesteps):
             tt = torch.full((2 * x.shape[0],), t, device=self.device, dtype=torch.long)
@@ -535,6 +596,38 @@ class T2IModel:
 def _lora_delta(module: nn.Module, adapter: str) -> torch.Tensor:
     """dW = scaling * B @ A of one peft LoRA layer's adapter."""
     return module.scaling[adapter] * module.lora_B[adapter].weight @ module.lora_A[adapter].weight
+
+
+def _load_component(model_cls, path: Path, component: str, allow_pickle: bool):
+    """A UNet, text encoder or VAE from its folder: from safetensors through the library's own
+    `from_pretrained`, or, where the folder holds only a pickle and the user allowed it, built
+    from its config with the state dict read by torch.load(weights_only=True) (so the library's
+    own pickle fallback, whatever its default, never runs)."""
+    weights = component_weights(path, component, allow_pickle)
+    folder = path / component
+    if weights.suffix != ".bin":
+        return model_cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    if hasattr(model_cls, "load_config"):  # diffusers
+        model = model_cls.from_config(model_cls.load_config(str(folder), local_files_only=True))
+    else:  # transformers
+        model = model_cls(model_cls.config_class.from_pretrained(str(folder), local_files_only=True))
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ModelDirError(f"{weights} does not hold a state dict of tensors")
+    expected = set(model.state_dict())
+    unexpected = sorted(set(state) - expected - {"text_model.embeddings.position_ids"})  # a buffer older files keep
+    missing = sorted(expected - set(state) - {"text_model.embeddings.position_ids"})
+    if unexpected or missing:
+        which = f"unexpected weight {unexpected[0]}" if unexpected else f"missing weight {missing[0]}"
+        raise ModelDirError(f"{weights} does not match {component}/config.json ({which})")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    return model
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}"
 
 
 def _quiet_hub_progress() -> None:

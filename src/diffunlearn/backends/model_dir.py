@@ -15,6 +15,14 @@ from pathlib import Path
 META_FILE = "diffunlearn.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 TEXT_WEIGHTS = "text_encoder/model.safetensors"
+# each component's safetensors file and the pickle its library would fall back to
+WEIGHT_FILES = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+                "text_encoder": ("model.safetensors", "pytorch_model.bin"),
+                "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# what the content hash reads: every weight format, configs, and the tokenizer's vocabulary files
+HASHED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".msgpack", ".h5", ".onnx", *PICKLE_SUFFIXES)
+MAX_BASE_CHAIN = 8  # run folders nest (an attack on an erase run on a model); no real chain is longer
 
 
 class ModelDirError(ValueError):
@@ -48,39 +56,124 @@ def read_meta(path: Path) -> dict:
     meta_path = Path(path) / META_FILE
     if not meta_path.exists():
         return {}
+    meta = _read_json(meta_path)
+    base = meta.get("base")
+    if base is not None and not (isinstance(base, dict) and isinstance(base.get("path"), str)
+                                 and isinstance(base.get("hash"), str)):
+        raise ModelDirError(f"corrupt {meta_path}: 'base' must hold a path and a hash")
+    return meta
+
+
+def _read_json(path: Path) -> dict:
     try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelDirError(f"corrupt {meta_path}: {err}") from None
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelDirError(f"corrupt {path}: {_first_line(err)}") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"corrupt {path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
-def check_model_dir(path: str | Path) -> dict:
-    """Validate a model folder (and its base, for run folders); return its metadata."""
-    path = Path(path)
+def _first_line(err: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def base_path_of(path: Path, meta: dict) -> Path:
+    base_path = Path(meta["base"]["path"])
+    return base_path if base_path.is_absolute() else (path / base_path).resolve()
+
+
+def component_weights(path: Path, component: str, allow_pickle: bool = False) -> Path:
+    """The weights file of a component folder (unet, text_encoder, vae): its safetensors file,
+    else its pickle (`.bin`) when `allow_pickle`; ModelDirError otherwise."""
+    folder = Path(path) / component
+    safe, pickled = WEIGHT_FILES[component]
+    for name in (safe, safe + ".index.json"):
+        if (folder / name).is_file():
+            return folder / name
+    if (folder / pickled).is_file():
+        if not allow_pickle:
+            raise ModelDirError(f"{folder / pickled} is a pickle, which can run code when loaded; convert it to "
+                                f"{safe} or pass --allow-pickle (model.allow_pickle=true) to load it with "
+                                "torch.load(weights_only=True)")
+        return folder / pickled
+    raise ModelDirError(f"{path} is not a model folder: missing {component}/{safe}")
+
+
+def check_model_dir(path: str | Path, allow_pickle: bool = False) -> dict:
+    """Validate a model folder (and its base chain, for run folders) without torch; return its
+    metadata. Catches what would fail at load: missing parts, corrupt JSON or safetensors
+    headers, pickles not allowed, a base chain that loops, a UNet whose input or text width
+    does not match its weights or the text encoder."""
+    return _check_model_dir(Path(path), allow_pickle, [])
+
+
+def _check_model_dir(path: Path, allow_pickle: bool, chain: list[Path]) -> dict:
     if not path.is_dir():
         raise ModelDirError(f"model folder not found: {path}")
+    here = path.resolve()
+    if here in chain:
+        raise ModelDirError(f"model folder {chain[0]} has a base chain that loops back to {path}")
+    if len(chain) >= MAX_BASE_CHAIN:
+        raise ModelDirError(f"model folder {chain[0]}: base chain longer than {MAX_BASE_CHAIN} folders")
     meta = read_meta(path)
-    base = meta.get("base")
-    if base:
-        base_path = Path(base["path"])
-        if not base_path.is_absolute():
-            base_path = (path / base_path).resolve()
-        check_model_dir(base_path)
+    if meta.get("base"):
+        _check_model_dir(base_path_of(path, meta), allow_pickle, [*chain, here])
         if not (path / UNET_WEIGHTS).exists():
             raise ModelDirError(f"run model folder {path} has no {UNET_WEIGHTS}")
         read_safetensors_header(path / UNET_WEIGHTS)
         return meta
-    for needed in ("unet/config.json", UNET_WEIGHTS, "text_encoder/config.json", "scheduler"):
-        if not (path / needed).exists():
-            raise ModelDirError(f"{path} is not a model folder: missing {needed}")
-    for config in ("unet/config.json", "text_encoder/config.json"):
-        try:
-            json.loads((path / config).read_text())
-        except json.JSONDecodeError as err:
-            raise ModelDirError(f"corrupt {path / config}: {err}") from None
-    for weights in path.glob("*/*.safetensors"):
-        read_safetensors_header(weights)
+    unet_config = _read_json(_needed(path, "unet/config.json"))
+    text_config = _read_json(_needed(path, "text_encoder/config.json"))
+    _read_json(_needed(path, "scheduler/scheduler_config.json"))
+    _check_tokenizer(path)
+    weights = {c: component_weights(path, c, allow_pickle) for c in ("unet", "text_encoder")}
+    if (path / "vae").exists():
+        _read_json(_needed(path, "vae/config.json"))
+        weights["vae"] = component_weights(path, "vae", allow_pickle)
+    for file in path.glob("*/*.safetensors"):
+        read_safetensors_header(file)
+    if weights["unet"].suffix == ".safetensors":
+        _check_unet_fits(path, unet_config, text_config, read_safetensors_header(weights["unet"]))
     return meta
+
+
+def _needed(path: Path, part: str) -> Path:
+    if not (path / part).is_file():
+        raise ModelDirError(f"{path} is not a model folder: missing {part}")
+    return path / part
+
+
+def _check_tokenizer(path: Path) -> None:
+    folder = path / "tokenizer"
+    if not folder.is_dir():
+        raise ModelDirError(f"{path} is not a model folder: missing tokenizer/")
+    if (folder / "tokenizer_config.json").exists():
+        _read_json(folder / "tokenizer_config.json")
+    if not ((folder / "tokenizer.json").is_file() or
+            ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())):
+        raise ModelDirError(f"{folder} holds no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+
+
+def _check_unet_fits(path: Path, unet: dict, text: dict, header: dict) -> None:
+    """The UNet's first convolution and its cross-attention keys must have the shapes its
+    config and the text encoder say (the mismatches a hand-edited or mixed folder has)."""
+    conv_in = header.get("conv_in.weight", {}).get("shape")
+    channels = unet.get("block_out_channels") or [None]
+    expected = [channels[0], unet.get("in_channels")]
+    if conv_in and None not in expected and list(conv_in[:2]) != expected:
+        raise ModelDirError(f"{path}/unet: config.json (in_channels {expected[1]}, block_out_channels[0] "
+                            f"{expected[0]}) does not match its weights (conv_in {conv_in})")
+    width = text.get("hidden_size") or text.get("projection_dim")
+    cross = unet.get("cross_attention_dim")
+    keys = [v.get("shape") for k, v in header.items() if k.endswith("attn2.to_k.weight") and isinstance(v, dict)]
+    if keys and isinstance(cross, int) and keys[0][-1] != cross:
+        raise ModelDirError(f"{path}/unet: config.json (cross_attention_dim {cross}) does not match its weights "
+                            f"(attn2.to_k takes {keys[0][-1]})")
+    if keys and isinstance(width, int) and keys[0][-1] != width:
+        raise ModelDirError(f"{path}: the text encoder's width {width} does not match the UNet's cross-attention "
+                            f"({keys[0][-1]})")
 
 
 def hash_files(paths: list[Path]) -> str:
@@ -94,11 +187,14 @@ def hash_files(paths: list[Path]) -> str:
 
 
 def model_content_hash(path: str | Path) -> str:
-    """Hash of the weights and configs that define the model (run folders include their base)."""
+    """Hash of the weights and configs that define the model (run folders include their base):
+    every weight file in any format, so two folders that differ only in a `.bin` differ here.
+    Top-level files other than JSON (notes, recipes, curves) do not define the model."""
     path = Path(path)
     meta = read_meta(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")
-                   and p.name != META_FILE and "samples" not in p.parts)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in HASHED_SUFFIXES
+                   and (p.suffix == ".json" or p.parent != path) and p.name != META_FILE
+                   and "samples" not in p.parts and not p.name.startswith("."))
     own = hash_files(files)
     base = meta.get("base")
     if base:

@@ -45,21 +45,19 @@ class Costs:
                    attack_step_seconds=data["attack_step_seconds"], retrain_seconds=data["retrain_seconds"],
                    default_seconds=data["default_train_seconds"])
 
-    def _evaluation(self, images_per_prompt: int, partial_images: int, n_forget: int) -> float:
-        """One evaluation: proportional to its image count (11 styles x 10 objects canvas)."""
-        retain = (11 - n_forget) * 10 if n_forget < 11 else 0
-        forget = n_forget * (10 * images_per_prompt + partial_images)
-        images = retain * images_per_prompt + forget
-        return self.evaluation * images / self.images_reference
+    def _evaluation(self, images_per_prompt: int, partial_images: int, concept_set, forget: list[str]) -> float:
+        """One evaluation: proportional to its image count (the protocol's plan on the concept set)."""
+        return self.evaluation * evaluation_images(concept_set, forget, images_per_prompt,
+                                                   partial_images) / self.images_reference
 
-    def evaluate_seconds(self, overrides: list[str], n_forget: int) -> float:
+    def evaluate_seconds(self, overrides: list[str], concept_set, forget: list[str]) -> float:
         ipp, partial = _eval_counts(overrides)
-        return self.parallel_slowdown * (self.startup + self._evaluation(ipp, partial, n_forget))
+        return self.parallel_slowdown * (self.startup + self._evaluation(ipp, partial, concept_set, forget))
 
     def erase_seconds(self, resolved) -> float:
         method, cfg = resolved.method, resolved.method_config
-        n_forget = len(resolved.task.forget)
-        evaluation = self._evaluation(resolved.eval.images_per_prompt, resolved.eval.partial_images, n_forget)
+        evaluation = self._evaluation(resolved.eval.images_per_prompt, resolved.eval.partial_images,
+                                      resolved.concept_set, list(resolved.task.forget))
         key = repr((sorted(resolved.task.forget), resolved.eval.model_dump()))
         before = 0.0 if key in self.seen_before else evaluation
         self.seen_before.add(key)
@@ -67,13 +65,13 @@ class Costs:
             train = self.retrain_seconds if repr(sorted(resolved.task.forget)) not in self.seen_before else 0.0
             self.seen_before.add(repr(sorted(resolved.task.forget)))
         else:
-            steps, base = resolved_steps(method, cfg, resolved.task), self.train_steps.get(method)
+            steps, base = resolved_steps(method, cfg, resolved.task, resolved.concept_set), self.train_steps.get(method)
             train = self.train_seconds.get(method, self.default_seconds)
             if steps and base:  # closed forms (steps 0) cost what they cost
                 train *= steps / base
         return self.parallel_slowdown * (self.startup + train + before + evaluation)
 
-    def attack_seconds(self, name: str, overrides: list[str]) -> float:
+    def attack_seconds(self, name: str, overrides: list[str], concept_set, forget: list[str]) -> float:
         from diffunlearn.attacks import attacks
         from diffunlearn.config import apply_overrides, deep_merge
 
@@ -85,7 +83,16 @@ class Costs:
         ipp, partial = _eval_counts(overrides)
         per_step = self.attack_step_seconds.get(name, 0.4) * (int(cfg.get("batch_size", 16)) / 16)
         return self.parallel_slowdown * (self.startup + steps * per_step + evaluations * self._evaluation(
-            ipp, partial, 1))
+            ipp, partial, concept_set, forget))
+
+
+def evaluation_images(concept_set, forget: list[str], images_per_prompt: int, partial_images: int) -> int:
+    """Images one evaluation generates (metrics/evaluate.py's plan, counted without torch): each
+    forget concept's full prompts and partial prompts, then the retain grid."""
+    forgotten = set(forget)
+    full = sum(len(concept_set.full_items(c, exclude=forgotten)) for c in forget)
+    partial = sum(len(concept_set.alone_items(c, evaluation=True)) for c in forget)
+    return (full + len(concept_set.retain_grid(forgotten))) * images_per_prompt + partial * partial_images
 
 
 def _eval_counts(overrides: list[str]) -> tuple[int, int]:
@@ -96,7 +103,7 @@ def _eval_counts(overrides: list[str]) -> tuple[int, int]:
     return cfg.images_per_prompt, cfg.partial_images
 
 
-def resolved_steps(method: str, cfg, task) -> int:
+def resolved_steps(method: str, cfg, task, concept_set) -> int:
     """The steps a method will run (epochs resolve against |D_f|), without building the task's images."""
     from diffunlearn.data.tasks import UnlearningTask
     from diffunlearn.methods import methods
@@ -104,9 +111,11 @@ def resolved_steps(method: str, cfg, task) -> int:
     cls = methods.get(method)
     if cls.closed_form:
         return 0
+    retain = list(task.retain) if task.retain is not None else [c for c in concept_set.erasable()
+                                                                 if c not in task.forget]
     probe = cls.__new__(cls)
     probe.cfg = cfg
-    probe.task = UnlearningTask(list(task.forget), list(task.retain or []), task.images_per_pair, task.seed,
+    probe.task = UnlearningTask(list(task.forget), retain, concept_set, None, task.images_per_prompt, task.seed,
                                 task.anchor_scheme)
     return int(probe.resolved_steps())
 

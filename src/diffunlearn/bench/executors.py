@@ -1,6 +1,6 @@
 """Executors: where grid nodes run. Each takes a node's spec (`submit`) and reports finished
-nodes as (node, status) with status complete / failed / busy (`poll`); all of them call the
-one worker entry point (`bench/worker.py`).
+nodes as (node, status) with status complete / failed / diverged / busy (`poll`); all of them
+call the one worker entry point (`bench/worker.py`).
 
 - `local`: one `python -m diffunlearn.bench.worker SPEC.json` process per node. Each child
   asks the kernel to kill it when the runner dies (PR_SET_PDEATHSIG), so a killed runner
@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffunlearn.bench.worker import EXIT_BUSY, NodeBusy
+from diffunlearn.bench.worker import EXIT_BUSY, EXIT_DIVERGED, NodeBusy
 
 EXECUTORS = ("local", "ray", "slurm")
+EXIT_STATUS = {0: "complete", EXIT_BUSY: "busy", EXIT_DIVERGED: "diverged"}  # the worker's exit codes
 
 
 class MissingExtra(RuntimeError):
@@ -72,7 +73,7 @@ class LocalExecutor:
                     continue
                 log.close()
                 del self.procs[node]
-                finished.append((node, "complete" if code == 0 else "busy" if code == EXIT_BUSY else "failed"))
+                finished.append((node, EXIT_STATUS.get(code, "failed")))
             if finished or time.time() >= deadline or not self.procs:
                 return finished
             time.sleep(min(0.1, timeout))
@@ -96,7 +97,8 @@ def _source_root() -> str:
 
 def _task(spec: dict[str, Any]) -> dict[str, Any]:
     """A Ray task or submitit job: the worker in-process; 'busy' instead of an exception when
-    the node is locked elsewhere (that is not a failure to retry)."""
+    the node is locked elsewhere, and a diverged run returned as such (neither is a failure to
+    retry)."""
     from diffunlearn.bench.worker import run_node
 
     try:

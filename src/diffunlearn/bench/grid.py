@@ -12,7 +12,10 @@ directory and run it once (the worker's lock serialises them; the second finds i
 The runner registers the nodes in the store, skips those recorded complete with the same
 spec, and hands ready nodes (dependencies done) to an executor (`bench/executors.py`) at most
 `jobs` at a time, retrying failures, until every node is done, failed or blocked by a failed
-dependency. A progress line shows done / running / failed and the time left.
+dependency. A diverged run (NaN/inf; its `run.json` says `diverged`) counts as failed and is
+never retried, in this session or the next (the same settings diverge again); a node whose
+lock or run directory another process holds is handed back 30 s later. A progress line shows
+done / running / failed and the time left.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffunlearn.bench.recipe import ORIGINAL, Group, Recipe
+from diffunlearn.bench.recipe import CONCEPT_SET_KEYS, ORIGINAL, Group, Recipe
 from diffunlearn.config import ConfigError, config_hash, parse_override
 
 ERASE_SECTIONS = ("method", "task", "eval", "seed")
@@ -40,12 +43,19 @@ def sections_for(overrides: list[str], sections: tuple[str, ...]) -> list[str]:
     return [o for o in overrides if parse_override(o)[0][0] in sections]
 
 
-def check_overrides(overrides: list[str], allowed: tuple[str, ...], where: str) -> None:
+def check_overrides(overrides: list[str], allowed: tuple[str, ...], where: str, recipe_wide: bool = False) -> None:
+    """Each override's section is one these runs take; the concept set is the recipe's `task:`
+    block, never an override (the control, the attacks and the claims compare runs of one set)."""
+    set_keys = (*CONCEPT_SET_KEYS, "task.anchor") if recipe_wide else CONCEPT_SET_KEYS
     for text in overrides:
-        section = parse_override(text)[0][0]
+        keys = parse_override(text)[0]
+        section = keys[0]
         if section not in allowed:
             raise ConfigError(f"{where}: override '{text}' sets '{section}', which these runs do not take "
                               f"(allowed: {', '.join(allowed)})")
+        if ".".join(keys[:2]) in set_keys:
+            raise ConfigError(f"{where}: override '{text}' sets the concept set, which is the recipe's `task:` block "
+                              f"(task: {{{keys[1]}: ...}}) or --{keys[1]} on the command line")
 
 
 @dataclass
@@ -72,11 +82,15 @@ class Node:
     attack_forget: list[str] | None = None
     est_seconds: float = 0.0
     registered: str | None = None  # the registered method behind the label `method`
+    task_options: dict[str, str] = field(default_factory=dict)  # the recipe's concept set (TaskKeys)
 
     @property
     def spec_hash(self) -> str:
-        """What makes this node's result: its directory (the run id) and its overrides."""
-        return config_hash({"out": str(self.out), "overrides": self.overrides, "kind": self.kind})
+        """What makes this node's result: its directory (the run id), its overrides and concept set."""
+        data: dict[str, Any] = {"out": str(self.out), "overrides": self.overrides, "kind": self.kind}
+        if self.task_options:
+            data["task"] = self.task_options
+        return config_hash(data)
 
     def spec(self, root: Path, threads: int | None, extra: dict[str, Any]) -> dict[str, Any]:
         return {"recipe": self.recipe, "node": self.node, "spec": self.spec_hash, "kind": self.kind,
@@ -85,7 +99,7 @@ class Node:
                 "seed": self.seed, "depends": self.depends, "run_id": self.run_id, "out": str(self.out.resolve()),
                 "model": self.model, "overrides": self.overrides, "attack_model": self.attack_model,
                 "attack_forget": self.attack_forget, "threads": threads, "est_seconds": self.est_seconds,
-                "method_name": self.registered or self.method,
+                "method_name": self.registered or self.method, "task_options": self.task_options,
                 "store": str((root / "results.sqlite").resolve()),
                 "records": str((root / self.recipe / "records").resolve()), **extra}
 
@@ -94,8 +108,11 @@ class Node:
 
 def expand(recipe: Recipe, root: str | Path = DEFAULT_ROOT, model: str | Path | None = None,
            protocol: str = "fast", seeds: list[int] | None = None, groups: list[str] | None = None) -> list[Node]:
-    """Every node of the recipe, dependencies first. Resolves (validates) every erase run;
-    raises ConfigError / TaskError / UnknownNameError with one line. Imports no torch."""
+    """Every node of the recipe, dependencies first. Resolves (validates) every run as its
+    command would: each forget set against the recipe's concept set, each erase run with
+    `resolve_erase`, each attack with `resolve_attack` (on the original model, since the erase
+    run it attacks does not exist yet). Raises ConfigError / TaskError / UnknownNameError /
+    ModelDirError with one line. Imports no torch."""
     from diffunlearn.backends.model_dir import check_model_dir, model_content_hash
     from diffunlearn.bench.costs import Costs
     from diffunlearn.runs.resolve import model_folder, package_versions
@@ -111,41 +128,71 @@ def expand(recipe: Recipe, root: str | Path = DEFAULT_ROOT, model: str | Path | 
     root = Path(root)
     model_value = str(model) if model else recipe.model
     model_dir = model_folder(model_value)
-    check_model_dir(model_dir)
-    model_hash = model_content_hash(model_dir)
-    versions = package_versions()
-    costs = Costs.load()
-    base = [*recipe.protocols[protocol], *recipe.overrides]
-    check_overrides(recipe.overrides, ("method", "task", "eval", "seed", "attack"), f"recipe {recipe.name}")
+    meta = check_model_dir(model_dir)
+    context = _Context(recipe, root, model_value, model_dir, model_content_hash(model_dir), package_versions(),
+                       [*recipe.protocols[protocol], *recipe.overrides], seeds, Costs.load(), recipe.task.options())
+    check_overrides(recipe.overrides, ("method", "task", "eval", "seed", "attack"), f"recipe {recipe.name}",
+                    recipe_wide=True)
+    used = [g for g in recipe.groups if not groups or g.id in groups]
+    for name in dict.fromkeys(f for g in used for f in g.forget):
+        context.concept_sets[name] = _check_forget_set(recipe, name, model_dir, meta, context.task_options)
     nodes: list[Node] = []
     seen: set[str] = set()
     directories: set[Path] = set()
-    for group in recipe.groups:
-        if groups and group.id not in groups:
-            continue
-        for node in _group_nodes(recipe, group, root, model_value, model_hash, versions, base, seeds, costs):
+    for group in used:
+        for node in _group_nodes(context, group):
             if node.node in seen:
                 raise ConfigError(f"recipe {recipe.name}: node {node.node} appears twice")
             seen.add(node.node)
             if node.out in directories:  # the same run under a second label: it finds the run done
-                node.est_seconds = costs.startup
+                node.est_seconds = context.costs.startup
             directories.add(node.out)
             nodes.append(node)
     return nodes
 
 
-def _group_nodes(recipe: Recipe, group: Group, root: Path, model: str | None, model_hash: str,
-                 versions: dict[str, str], base: list[str], seeds: list[int] | None, costs) -> list[Node]:
+@dataclass
+class _Context:
+    """What every node of one expansion shares."""
+
+    recipe: Recipe
+    root: Path
+    model: str | None  # as given (None: the testbed), passed on to the runs
+    model_dir: Path
+    model_hash: str
+    versions: dict[str, str]
+    base: list[str]  # the protocol's and the recipe's overrides
+    seeds: list[int] | None
+    costs: Any
+    task_options: dict[str, str]
+    concept_sets: dict[str, Any] = field(default_factory=dict)  # per forget set: its resolved concept set
+    checked_attacks: set[str] = field(default_factory=set)
+
+
+def _check_forget_set(recipe: Recipe, name: str, model_dir: Path, meta: dict, task_options: dict[str, str]):
+    """The forget set's concepts are concepts of the recipe's set on this model (canvas names on
+    the testbed; a real model's set comes from task.concepts / --concepts, or is free text)."""
+    from diffunlearn.config import TaskConfig, build
+    from diffunlearn.runs.resolve import resolve_task_concepts
+
+    try:
+        task = build(TaskConfig, {**task_options, "forget": list(recipe.forget_sets[name])}, "task.")
+        return resolve_task_concepts(task, model_dir, meta)
+    except ConfigError as err:
+        raise ConfigError(f"recipe {recipe.name}, forget set '{name}': {err}") from None
+
+
+def _group_nodes(ctx: _Context, group: Group) -> list[Node]:
     from diffunlearn.runs.resolve import resolve_erase
 
-    out_root = root / recipe.name / "runs"
+    recipe, base, costs = ctx.recipe, ctx.base, ctx.costs
+    out_root = ctx.root / recipe.name / "runs"
     where = f"recipe {recipe.name}, group {group.id}"
     check_overrides(group.overrides, ("method", "task", "eval"), where)
     for step in group.attacks:
         check_overrides(step.overrides, ("attack", "eval"), f"{where}, attack {step.id}")
-        _check_attack(step.attack, [*sections_for(base, ATTACK_SECTIONS), *step.overrides], where)
     nodes: list[Node] = []
-    run_seeds = seeds or group.seeds or recipe.seeds
+    run_seeds = ctx.seeds or group.seeds or recipe.seeds
     for forget in group.forget:
         concepts = recipe.forget_sets[forget]
         for variant in group.variants:
@@ -154,62 +201,82 @@ def _group_nodes(recipe: Recipe, group: Group, root: Path, model: str | None, mo
                 check_overrides(variant_overrides, ("method", "task", "eval"), f"{where}, variant {variant}")
                 if method == ORIGINAL:
                     eval_overrides = sections_for([*base, *group.overrides, *variant_overrides], EVALUATE_SECTIONS)
-                    key = config_hash({"model": model_hash, "forget": concepts, "eval": eval_overrides,
-                                       "versions": versions})
+                    identity: dict[str, Any] = {"model": ctx.model_hash, "forget": concepts, "eval": eval_overrides,
+                                                "versions": ctx.versions}
+                    if ctx.task_options:
+                        identity["task"] = ctx.task_options
+                    key = config_hash(identity)
                     control = Node(recipe.name, f"{group.id}/{variant}/{ORIGINAL}/{forget}", "evaluate", group.id,
                                    variant, ORIGINAL, forget, list(concepts), None, eval_overrides,
-                                   out_root / f"{ORIGINAL}-{key}", model, run_id=key,
-                                   est_seconds=costs.evaluate_seconds(eval_overrides, len(concepts)))
+                                   out_root / f"{ORIGINAL}-{key}", ctx.model, run_id=key,
+                                   est_seconds=costs.evaluate_seconds(eval_overrides, ctx.concept_sets[forget],
+                                                                      list(concepts)),
+                                   task_options=dict(ctx.task_options))
                     nodes.append(control)
                     for seed in run_seeds:
-                        nodes += _attacks(recipe, group, control, seed, base, costs, attack_forget=list(concepts),
-                                          attack_model=model)
+                        nodes += _attacks(ctx, group, control, seed, attack_forget=list(concepts),
+                                          attack_model=ctx.model)
                     continue
                 for seed in [None] if group.seedless else run_seeds:
                     overrides = [*sections_for(base, ERASE_SECTIONS), *group.overrides, *variant_overrides]
                     overrides += [] if seed is None else [f"seed={seed}"]
-                    resolved = resolve_erase(registered, list(concepts), None, model, None, overrides)
+                    try:
+                        resolved = resolve_erase(registered, list(concepts), None, ctx.model, None, overrides,
+                                                 ctx.task_options)
+                    except ConfigError as err:
+                        raise ConfigError(f"{where}, {method} on '{forget}' ({variant}): {err}") from None
                     label = f"{group.id}/{variant}/{method}/{forget}" + ("" if seed is None else f"/s{seed}")
                     erase = Node(recipe.name, label, "erase", group.id, variant, method, forget, list(concepts), seed,
-                                 overrides, out_root / f"{registered}-{resolved.run_id}", model,
+                                 overrides, out_root / f"{registered}-{resolved.run_id}", ctx.model,
                                  run_id=resolved.run_id, est_seconds=costs.erase_seconds(resolved),
-                                 registered=registered)
+                                 registered=registered, task_options=dict(ctx.task_options))
                     nodes.append(erase)
                     for attack_seed in run_seeds if seed is None else [seed]:
-                        nodes += _attacks(recipe, group, erase, attack_seed, base, costs)
+                        nodes += _attacks(ctx, group, erase, attack_seed, attack_forget=None)
     return nodes
 
 
-def _attacks(recipe: Recipe, group: Group, parent: Node, seed: int, base: list[str], costs,
-             attack_forget: list[str] | None = None, attack_model: str | None = None) -> list[Node]:
+def _attacks(ctx: _Context, group: Group, parent: Node, seed: int, attack_forget: list[str] | None = None,
+             attack_model: str | None = None) -> list[Node]:
     out = []
     for step in group.attacks:
         if step.methods is not None and parent.method not in step.methods:
             continue
         if step.variants is not None and parent.variant not in step.variants:
             continue
-        overrides = [*sections_for(base, ATTACK_SECTIONS), *step.overrides, f"seed={seed}"]
-        key = config_hash({"parent": parent.run_id, "attack": step.attack, "overrides": overrides,
-                           "forget": attack_forget})
+        overrides = [*sections_for(ctx.base, ATTACK_SECTIONS), *step.overrides, f"seed={seed}"]
+        _check_attack(ctx, step.attack, overrides, parent.concepts,
+                      f"recipe {ctx.recipe.name}, group {group.id}, attack {step.id}")
+        identity: dict[str, Any] = {"parent": parent.run_id, "attack": step.attack, "overrides": overrides,
+                                    "forget": attack_forget}
+        if ctx.task_options:
+            identity["task"] = ctx.task_options
+        key = config_hash(identity)
         node_id = f"{parent.node}/{step.id}" if parent.seed is not None else f"{parent.node}/s{seed}/{step.id}"
-        out.append(Node(recipe.name, node_id, "attack", group.id, parent.variant, parent.method, parent.forget,
+        out.append(Node(ctx.recipe.name, node_id, "attack", group.id, parent.variant, parent.method, parent.forget,
                         parent.concepts, seed, overrides, parent.out / "attacks" / f"{step.attack}-{key}",
                         parent.model, attack=step.id, attack_name=step.attack, depends=parent.node,
                         attack_model=str(parent.out.resolve()) if parent.kind == "erase" else attack_model,
-                        attack_forget=attack_forget, est_seconds=costs.attack_seconds(step.attack, overrides)))
+                        attack_forget=attack_forget, est_seconds=ctx.costs.attack_seconds(
+                            step.attack, overrides, ctx.concept_sets[parent.forget], list(parent.concepts)),
+                        task_options=dict(ctx.task_options)))
     return out
 
 
-def _check_attack(name: str, overrides: list[str], where: str) -> None:
-    """An attack step's overrides, validated as far as possible before its model exists."""
-    from diffunlearn.attacks import attacks
-    from diffunlearn.config import EvalConfig, apply_overrides, build, deep_merge
+def _check_attack(ctx: _Context, name: str, overrides: list[str], concepts: list[str], where: str) -> None:
+    """An attack step resolved as its command would resolve it, on the original model (the
+    erase run it attacks does not exist yet): every attack.*, eval.* and task key accepted.
+    Once per distinct step (seeds aside)."""
+    from diffunlearn.runs.resolve import resolve_attack
 
-    data = apply_overrides({}, [o for o in overrides if not o.startswith("seed=")])
-    component = attacks.get(name)
-    build(component.Config, deep_merge(component.profiles.get("testbed", {}), data.get("attack") or {}),
-          f"{where}: attack.")
-    build(EvalConfig, data.get("eval") or {}, f"{where}: eval.")
+    key = repr((name, [o for o in overrides if not o.startswith("seed=")], concepts))
+    if key in ctx.checked_attacks:
+        return
+    try:
+        resolve_attack(name, ctx.model_dir, list(concepts), overrides=overrides, task_options=ctx.task_options)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    ctx.checked_attacks.add(key)
 
 
 # ---- running -----------------------------------------------------------------------------------
@@ -218,9 +285,10 @@ def _check_attack(name: str, overrides: list[str], where: str) -> None:
 class GridResult:
     done: list[str]
     skipped: list[str]
-    failed: list[str]
+    failed: list[str]  # diverged ones included
     blocked: list[str]
     seconds: float
+    diverged: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -264,6 +332,7 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
     skipped = [n.node for n in nodes if complete.get(n.node) == n.spec_hash]
     done: set[str] = set(skipped)
     failed: dict[str, int] = {}
+    diverged: set[str] = set()
     dead: set[str] = set()
     running: dict[str, float] = {}
     not_before: dict[str, float] = {}  # nodes another process is running: look again later
@@ -294,6 +363,11 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
                 elif status == "busy":  # run elsewhere right now: come back to it later
                     waiting.append(node_id)
                     not_before[node_id] = time.time() + BUSY_RETRY_SECONDS
+                elif status == "diverged":  # deterministic: the same settings diverge again, never retried
+                    failed[node_id] = failed.get(node_id, 0) + 1
+                    diverged.add(node_id)
+                    dead.add(node_id)
+                    progress.failed(node_id)
                 else:
                     failed[node_id] = failed.get(node_id, 0) + 1
                     if failed[node_id] <= retries:
@@ -309,7 +383,7 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
         progress.close()
     blocked = sorted(n for n in dead if n not in failed)
     return GridResult(sorted(done - set(skipped)), skipped, sorted(n for n in dead if n in failed), blocked,
-                      time.time() - start)
+                      time.time() - start, sorted(diverged))
 
 
 class Progress:

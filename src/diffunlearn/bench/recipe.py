@@ -192,6 +192,23 @@ class Estimate(StrictModel):
 
 
 FAST_EVAL = ["eval.images_per_prompt=2", "eval.partial_images=8", "eval.bootstrap=200"]
+CONCEPT_SET_KEYS = ("task.concepts", "task.domain")  # one concept set per recipe: its `task:` block
+
+
+class TaskKeys(StrictModel):
+    """The concept set every run of a recipe uses (`task.concepts`, `task.domain`, `task.anchor`
+    of each erase, evaluate and attack run; the command line's --concepts/--domain/--anchor
+    override them). Unset: the model's own set (the shipped testbeds: canvas), else a free-text
+    set of the forget names."""
+
+    concepts: str | None = Field(None, description="concept set: a built-in name or a YAML file (a relative path "
+                                 "is read beside the recipe)")
+    domain: str | None = Field(None, description="domain of free-text concepts (concept, style, object, ...)")
+    anchor: str | None = Field(None, description="text or concept the forget concepts are steered to")
+
+    def options(self) -> dict[str, str]:
+        """The given keys, as `resolve_erase(task_options=...)` and the run functions take them."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class Recipe(StrictModel):
@@ -207,7 +224,10 @@ class Recipe(StrictModel):
         description="named evaluation override sets; `fast` is the default, `full` the testbed's full protocol")
     overrides: list[str] = Field(default_factory=list, description="every run: each goes to the runs whose "
                                  "kind accepts its section (method.* erase, attack.* attack, eval.*/seed both)")
-    forget_sets: dict[str, list[str]] = Field(min_length=1)
+    task: TaskKeys = Field(default_factory=TaskKeys, description="the concept set of every run")
+    forget_sets: dict[str, list[str]] = Field(
+        min_length=1, description="named lists of concepts of the recipe's concept set (checked against it when the "
+                                  "recipe expands, since the set depends on the model)")
     groups: list[Group] = Field(min_length=1)
     claims: list[Claim] = Field(default_factory=list)
     leaderboard: Leaderboard = Field(default_factory=Leaderboard)
@@ -215,12 +235,11 @@ class Recipe(StrictModel):
 
     @model_validator(mode="after")
     def _references(self) -> Recipe:
-        from diffunlearn.data.tasks import validate_concepts
-
         if "fast" not in self.protocols:
             raise ValueError("protocols must define 'fast' (the default)")
         for name, concepts in self.forget_sets.items():
-            validate_concepts(concepts, None)
+            if not concepts:
+                raise ValueError(f"forget set '{name}' is empty")
             if len(set(concepts)) != len(concepts):
                 raise ValueError(f"forget set '{name}' repeats a concept")
         ids = [g.id for g in self.groups]
@@ -309,11 +328,36 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     path = recipe_path(name_or_path)
     data = load_yaml(path)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"recipe {path.name}: {one_line(err)}") from None
     except (TaskError, UnknownNameError) as err:
         raise ConfigError(f"recipe {path.name}: {err}") from None
+    concepts = recipe.task.concepts
+    if concepts and not Path(concepts).is_absolute() and (path.parent / concepts).is_file():
+        # a concept-set file named by the recipe is read beside it, wherever the runs start
+        recipe.task = recipe.task.model_copy(update={"concepts": str((path.parent / concepts).resolve())})
+    return recipe
+
+
+def with_concepts(recipe: Recipe, concepts: str | None = None, domain: str | None = None, anchor: str | None = None,
+                  forget_sets: dict[str, list[str]] | None = None) -> Recipe:
+    """The recipe on another concept set (a real model's): the given task keys replace the
+    recipe's `task:` block, each of `forget_sets` replaces the recipe's set of that name (the
+    groups and claims keep referring to it by name). ConfigError with one line."""
+    unknown = [name for name in forget_sets or {} if name not in recipe.forget_sets]
+    if unknown:
+        raise ConfigError(f"recipe {recipe.name} has no forget set '{unknown[0]}'; its sets: "
+                          f"{', '.join(recipe.forget_sets)}")
+    if concepts and Path(concepts).is_file():
+        concepts = str(Path(concepts).resolve())  # the runs may start elsewhere (Ray, Slurm)
+    task = recipe.task.model_dump() | {k: v for k, v in {"concepts": concepts, "domain": domain,
+                                                           "anchor": anchor}.items() if v is not None}
+    data = recipe.model_dump() | {"task": task, "forget_sets": recipe.forget_sets | dict(forget_sets or {})}
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"recipe {recipe.name}: {one_line(err)}") from None
 
 
 def one_line(err: ValidationError) -> str:

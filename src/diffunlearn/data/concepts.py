@@ -24,6 +24,7 @@ Three ways to get a set, all validated before torch loads:
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -138,6 +139,10 @@ class Item:
     def swapped(self, old: str, new: str) -> Item:
         return Item(tuple((d, new if c == old else c) for d, c in self.labels), self.template)
 
+    def without(self, concept: str) -> Item:
+        """The item with `concept` removed: what remains of the image, prompted by the empty prompt."""
+        return Item(tuple((d, c) for d, c in self.labels if c != concept), "")
+
 
 @dataclass
 class Domain:
@@ -205,8 +210,7 @@ class ConceptSet:
     def builtin(cls, name: str) -> ConceptSet:
         if name not in BUILTIN_SETS:
             raise ConceptSetError(f"unknown concept set '{name}'; built-in sets: {', '.join(BUILTIN_SETS)}")
-        spec = build(ConceptSetFile, load_yaml(SETS_DIR / f"{name}.yaml"), "concepts.")
-        return cls.from_spec(spec, source=f"builtin:{name}")
+        return cls.from_spec(_builtin_spec(name).model_copy(deep=True), source=f"builtin:{name}")
 
     @classmethod
     def free_text(cls, forget: list[str], retain: list[str] | None = None, domain: str = "concept",
@@ -249,9 +253,8 @@ class ConceptSet:
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         neutral = " (neutral concepts are never erased)" if name in self else ""
-        shown = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "")
-        return ConceptSetError(f"unknown concept '{_clip(name)}'{hint}{neutral} in concept set {self.name}; "
-                               f"valid concepts: {shown}")
+        return ConceptSetError(f"unknown concept '{_clip(name, 40)}'{hint}{neutral}; valid concepts "
+                               f"({_clip(self.name, 20)}): {_clip(', '.join(valid), 190)}")
 
     def validate(self, forget: list[str], retain: list[str] | None) -> None:
         """One-line ConceptSetError for an empty forget list, an unknown or neutral name, overlaps."""
@@ -288,11 +291,11 @@ class ConceptSet:
         return [Item(((d.name, c.name),), t) for d in self.domains.values() for c in d.all for t in d.templates]
 
     def alone_items(self, name: str, evaluation: bool = False) -> list[Item]:
-        """Prompts naming `name` and nothing else of the set: the canvas' partial prompts (its
-        domain templates); for a one-domain set the evaluation paraphrases (`evaluation`) or
-        the training templates."""
+        """Prompts naming `name` and nothing else of the set: its domain's captions (`templates`:
+        benign fine-tuning data, a one-domain set's training prompts) or, with `evaluation`, the
+        prompts UA is measured on besides the training ones (the canvas' partial prompts)."""
         domain = self.domains[self.domain_of(name)]
-        templates = domain.eval_templates if (evaluation and not self.combined) else domain.templates
+        templates = domain.eval_templates if evaluation else domain.templates
         return [Item(((domain.name, name),), t) for t in templates]
 
     def full_items(self, name: str, exclude: set[str] = frozenset()) -> list[Item]:
@@ -353,6 +356,13 @@ class ConceptSet:
                 "images": self.images.source, "domains": {n: d.erasable for n, d in self.domains.items()}}
 
 
+@functools.cache
+def _builtin_spec(name: str) -> ConceptSetFile:
+    """A shipped set's parsed file, read once per process (a grid resolves it for every run);
+    `from_spec` builds a fresh ConceptSet from it each time, so callers may change theirs."""
+    return build(ConceptSetFile, load_yaml(SETS_DIR / f"{name}.yaml"), "concepts.")
+
+
 def _concept(entry: str | ConceptEntry, domain: str) -> Concept:
     if isinstance(entry, str):
         entry = ConceptEntry(name=entry)
@@ -389,7 +399,11 @@ def resolve_concept_set(concepts: str | None, forget: list[str], retain: list[st
     elif model_kind in ("testbed", "testbed-sd"):
         canvas_set = ConceptSet.builtin("canvas")
         bad = next(n for n in [*forget, *(retain or [])] if n not in canvas_set)
-        raise canvas_set.unknown(bad)  # the shipped testbeds only know the canvas
+        close = difflib.get_close_matches(bad, canvas_set.erasable(), n=1)
+        if close or bad in canvas_set:
+            raise canvas_set.unknown(bad)
+        raise ConceptSetError(f"unknown concept '{_clip(bad, 40)}': the shipped testbeds know only the canvas "
+                              "(`diffunlearn ls concepts`); free text needs --model PATH (a Stable Diffusion folder)")
     else:
         cset = ConceptSet.free_text(forget, retain, domain or "concept", anchor)
     if anchor is not None and cset.source != "free-text":

@@ -30,8 +30,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 class ImageSource(Protocol):
     def images(self, items: Sequence[Item], indices: Sequence[int], size: int) -> np.ndarray: ...
 
-    def masks(self, items: Sequence[Item], indices: Sequence[int], size: int) -> np.ndarray | None:
-        """Where each item's non-background concept is (canvas: the object's mask), or None."""
+    def masks(self, items: Sequence[Item], indices: Sequence[int], size: int, concept: str) -> np.ndarray | None:
+        """(B, size, size): where `concept` is in each image, or None when the source does not know
+        (then a method that needs masks takes the whole image)."""
 
 
 class CanvasSource:
@@ -43,7 +44,10 @@ class CanvasSource:
     def images(self, items: Sequence[Item], indices: Sequence[int], size: int) -> np.ndarray:
         return canvas.render_batch(_pairs(items), list(indices), seed=self.seed, size=size)[0]
 
-    def masks(self, items: Sequence[Item], indices: Sequence[int], size: int) -> np.ndarray | None:
+    def masks(self, items: Sequence[Item], indices: Sequence[int], size: int, concept: str) -> np.ndarray | None:
+        """The rendered object's mask for an object; a style covers the whole image (None)."""
+        if concept not in canvas.ALL_OBJECTS:
+            return None
         return canvas.render_batch(_pairs(items), list(indices), seed=self.seed, size=size)[1]
 
 
@@ -117,7 +121,7 @@ class FolderSource:
             out.append(load_image(files[position % len(files)], size))
         return np.stack(out) if out else np.zeros((0, 3, size, size), np.float32)
 
-    def masks(self, items: Sequence[Item], indices: Sequence[int], size: int) -> np.ndarray | None:
+    def masks(self, items: Sequence[Item], indices: Sequence[int], size: int, concept: str) -> np.ndarray | None:
         return None
 
 
@@ -178,5 +182,25 @@ class GeneratedSource:
                 np.save(tmp, np.asarray(image, dtype=np.float32), allow_pickle=False)
                 os.replace(tmp, path)
 
-    def masks(self, items: Sequence[Item], indices: Sequence[int], size: int) -> np.ndarray | None:
+    def masks(self, items: Sequence[Item], indices: Sequence[int], size: int, concept: str) -> np.ndarray | None:
         return None
+
+
+def image_source(concept_set: ConceptSet, seed: int, model=None, cache: Path | None = None,
+                 progress: bool = False) -> ImageSource:
+    """The source a concept set names; a generated source samples `model` (the original model,
+    never the one being trained) with its own steps and guidance."""
+    kind = concept_set.images.source
+    if kind == "canvas":
+        return CanvasSource(seed)
+    if kind == "folder":
+        return FolderSource(concept_set.images.path, concept_set.images.layout, concept_set)
+    if model is None or cache is None:
+        raise ValueError("a generated image source needs the original model and a cache folder")
+
+    def sampler(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        return model.sample(prompts, seeds).float().cpu().numpy()
+
+    key = {"steps": int(model.meta.get("sample_steps", 25)), "guidance": model.guidance_scale,
+           "size": model.pixel_size, "sampler": "ddim"}
+    return GeneratedSource(concept_set, sampler, model.content_hash(), key, cache, progress)

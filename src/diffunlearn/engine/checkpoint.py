@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffunlearn.engine.errors import CheckpointError
 from diffunlearn.io import atomic_write_text
 
 POINTER = "ckpt.json"
@@ -60,10 +62,6 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], i
             old.unlink()
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read; the message says which and what to do."""
-
-
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
     """The latest complete checkpoint in `folder`, or None; CheckpointError if it is corrupt."""
     pointer = folder / POINTER
@@ -72,6 +70,6 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None
     try:
         info = json.loads(pointer.read_text())
         return load_file(str(folder / info["file"])), info
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"corrupt checkpoint in {folder} ({type(err).__name__}); "
                               "delete that folder to restart the run from scratch") from None

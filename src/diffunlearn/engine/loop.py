@@ -9,6 +9,11 @@ and atomic checkpoints.
 Resumption is exact: all randomness of step k comes from a generator seeded by
 (seed, k), so a run resumed from a checkpoint replays the same batches and noise as an
 uninterrupted one, and reaches the same final weights.
+
+Divergence stops the run: a NaN or infinite loss or gradient norm (checked every step,
+before the optimizer applies it) or weight (checked before every checkpoint and at the end)
+raises TrainingDiverged, so a checkpoint never holds non-finite weights and the last good
+one stays on disk.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from diffunlearn.engine.checkpoint import (
     optimizer_to_tensors,
     save_checkpoint,
 )
+from diffunlearn.engine.errors import CheckpointError, TrainingDiverged
 
 StepFn = Callable[[int, torch.Generator], Mapping[str, float]]
 Hook = Callable[[int], Mapping[str, float] | None]
@@ -121,16 +127,22 @@ def run_loop(
     loaded = load_checkpoint(checkpoint_dir) if checkpoint_dir else None
     if loaded:
         tensors, info = loaded
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(tensors[f"param.{n}"])
-        ema = {n: tensors[f"ema.{n}"] for n in ema}
-        optimizer_from_tensors(optimizer, tensors, info["optimizer"])
-        if load_extra_state:
-            load_extra_state({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
-        start, curves, hook_rows, elapsed = info["step"], info["curves"], info["hook_rows"], info["seconds"]
+        try:
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(tensors[f"param.{n}"])
+            ema = {n: tensors[f"ema.{n}"] for n in ema}
+            optimizer_from_tensors(optimizer, tensors, info["optimizer"])
+            if load_extra_state:
+                load_extra_state({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
+            start, curves, hook_rows, elapsed = info["step"], info["curves"], info["hook_rows"], info["seconds"]
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint in {checkpoint_dir} does not fit this run ({type(err).__name__}); "
+                                  "delete that folder to restart the run from scratch") from None
+    last_checkpoint = start or None
 
     def checkpoint(step: int) -> None:
+        nonlocal last_checkpoint
         if checkpoint_dir is None:
             return
         opt_tensors, opt_info = optimizer_to_tensors(optimizer)
@@ -140,6 +152,7 @@ def run_loop(
         info = {"optimizer": opt_info, "curves": curves, "hook_rows": hook_rows,
                 "seconds": elapsed + time.perf_counter() - t0}
         save_checkpoint(checkpoint_dir, step, tensors, info)
+        last_checkpoint = step
 
     def run_hooks(step: int) -> None:
         row: dict[str, float] = {"step": step}
@@ -160,6 +173,7 @@ def run_loop(
             logs = dict(step_fn(step, step_generator(cfg.seed, step)))
             if cfg.grad_clip:
                 logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip))
+            _check_finite_logs(logs, step + 1, last_checkpoint)
             optimizer.step()
             if ema:
                 with torch.no_grad():
@@ -169,15 +183,35 @@ def run_loop(
             if done % cfg.log_every == 0 or done == cfg.steps:
                 curves.append({"step": done, **{k: float(v) for k, v in logs.items()}})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "grad_norm")})
-            if cfg.hook_every and (done % cfg.hook_every == 0 or done == cfg.steps):
+            hook_due = bool(cfg.hook_every) and (done % cfg.hook_every == 0 or done == cfg.steps)
+            checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            if hook_due or checkpoint_due:  # hooks and checkpoints never see non-finite weights
+                check_finite_weights(params, done, last_checkpoint)
+            if hook_due:
                 run_hooks(done)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if checkpoint_due:
                 checkpoint(done)
             bar.update(1)
     finally:
         bar.close()
     seconds = elapsed + time.perf_counter() - t0
     return LoopResult(cfg.steps, curves, hook_rows, seconds, resumed_from=start, ema=ema)
+
+
+def _check_finite_logs(logs: Mapping[str, float], step: int, last_checkpoint: int | None) -> None:
+    """The loss (and its terms) and the gradient norm of a step must be finite; other logged
+    values (a method's diagnostics) may be anything."""
+    for key, value in logs.items():
+        if (key.startswith("loss") or key == "grad_norm") and not math.isfinite(float(value)):
+            raise TrainingDiverged(step, f"{key} is {float(value)}", last_checkpoint)
+
+
+def check_finite_weights(params: Mapping[str, torch.Tensor], step: int, last_checkpoint: int | None) -> None:
+    """TrainingDiverged if a weight holds NaN or an infinity (also for closed-form edits)."""
+    with torch.no_grad():
+        for name, p in params.items():
+            if not bool(torch.isfinite(p).all()):
+                raise TrainingDiverged(step, f"weight {name} holds NaN or infinite values", last_checkpoint)
 
 
 def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
@@ -191,4 +225,5 @@ def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
     tmp.replace(path)
 
 
-__all__ = ["LoopConfig", "LoopResult", "StopRequested", "run_loop", "step_generator", "write_curves"]
+__all__ = ["LoopConfig", "LoopResult", "StopRequested", "TrainingDiverged", "check_finite_weights", "run_loop",
+           "step_generator", "write_curves"]

@@ -91,7 +91,7 @@ class AdvAnchor(Method):
         offsets = torch.zeros_like(cond)
         for i, prompt in enumerate(prompts):
             for concept, vector in e_adv.items():
-                for pos in self.backend.token_positions(prompt, concept):
+                for pos in self.backend.token_positions(prompt, self.task.concept_set.text(concept)):
                     offsets[i, pos] = offsets[i, pos] + vector
         return cond + offsets
 

@@ -39,6 +39,7 @@ class Method:
     paper: ClassVar[str] = ""
     trains: ClassVar[str] = ""
     uses_anchor: ClassVar[bool] = False  # AR_CL is reported only where an alternative concept exists
+    needs_retain: ClassVar[bool] = False  # trains on D_r: a task without retain concepts is refused up front
     closed_form: ClassVar[bool] = False  # True: apply_closed_form() edits the weights, no loop runs
 
     def __init__(self, cfg: MethodConfig, backend: Backend, task: UnlearningTask):
@@ -50,7 +51,7 @@ class Method:
     def resolved_steps(self) -> int:
         if self.cfg.epochs is None:
             return self.cfg.steps
-        n_forget = len(self.task.forget_pairs()) * self.task.images_per_pair
+        n_forget = len(self.task.forget_items()) * self.task.images_per_prompt
         return math.ceil(self.cfg.epochs * n_forget / self.cfg.batch_size)
 
     def terms(self) -> list[Term]:
@@ -72,6 +73,14 @@ class Method:
     def cost(self) -> dict[str, Any]:
         """Cost figures the shared loop cannot see (retrain's pretraining); they override the loop's."""
         return {}
+
+    def final_weights(self) -> dict[str, torch.Tensor] | None:
+        """The weights the run delivers instead of the trained ones, by trained-group name; None
+        (the default) delivers the trained weights. SDD returns its EMA, as the official
+        `train_sdd.py` saves `unet_teacher`. The erase run copies them into the model once, after
+        training (a resumed run too, from the restored `extra_state`), before saving and before
+        the 'after' evaluation; it must not change the state a checkpoint resumes from."""
+        return None
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Method-owned tensors that a resumed run needs (masks, EMA teachers)."""

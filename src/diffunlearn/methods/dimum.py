@@ -26,6 +26,7 @@ class DiMUM(Method):
     Config = DiMUMConfig
     paper = "[002] Alg. 1"
     trains = "full UNet"
+    needs_retain = True
     uses_anchor = True
     profiles = {
         "paper": {"lr": 1e-5, "batch_size": 4, "steps": 2000, "beta": 1.0, "param_group": "full"},

@@ -13,6 +13,7 @@ from diffunlearn.objectives import Term
 class Finetune(Method):
     paper = "[004] baseline"
     trains = "full UNet"
+    needs_retain = True
     profiles = {
         "paper": {"lr": 1e-5, "batch_size": 4, "steps": 1000, "param_group": "full"},
         "testbed": {"lr": 2e-4, "batch_size": 16, "steps": 300, "param_group": "full"},

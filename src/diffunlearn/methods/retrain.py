@@ -1,11 +1,18 @@
-"""`retrain`: the gold standard. The base model's architecture, trained from scratch by the
-shipped model's own recipe (configs/pretrain-model.yaml) on data without the forget concepts
-([001] §2, [002] Def. 1). It is the reference for UA/IRA and the control for the attacks.
+"""`retrain`: the gold standard. The base model's UNet architecture, trained from scratch by
+the shipped model's own recipe (configs/pretrain-model.yaml) on data without the forget
+concepts ([001] §2, [002] Def. 1). It is the reference for UA/IRA and the control for the attacks.
+
+Only the UNet is retrained: the original model's text encoder is kept, frozen, as a retrain of
+Stable Diffusion keeps its pretrained CLIP encoder (which has seen the concept's word in its
+own pretraining). Retraining the text encoder too (`train_text_encoder=true`) leaves the forget
+words' embeddings at their random initialisation, so forget prompts reach the model as noise
+rather than as a word it has never been shown images of.
 
 Costly even on the testbed (the full recipe takes about 40 minutes on 2 CPU cores), so
-results are cached per (recipe, architecture, forget set) under the user cache directory,
-and an interrupted retrain resumes from its checkpoint. The result replaces every weight
-(UNet and text encoder), so its run directory holds a full model.
+results are cached per (recipe, UNet architecture, text encoder: the original's weight hash or
+retrained, forget set) under the user cache directory, and an interrupted retrain resumes from
+its checkpoint. The run directory holds a full model (the retrained UNet and the original text
+encoder).
 """
 
 from __future__ import annotations
@@ -18,12 +25,15 @@ from diffunlearn.methods.base import Method, MethodConfig
 class RetrainConfig(MethodConfig):
     pretrain_steps: int | None = Field(None, ge=1, description="override the recipe's step count")
     pretrain_images_per_pair: int | None = Field(None, ge=1, description="override the recipe's data size")
+    train_text_encoder: bool = Field(
+        False, description="also retrain the text encoder from scratch (default: keep the original's, frozen, "
+                           "as a Stable Diffusion retrain keeps CLIP)")
 
 
 class Retrain(Method):
     Config = RetrainConfig
     paper = "[001] §2, [002] Def. 1"
-    trains = "everything, from scratch"
+    trains = "the UNet, from scratch (the original text encoder, frozen)"
     closed_form = True
     full_model = True
     profiles = {"paper": {"steps": 0, "param_group": "full"}, "testbed": {"steps": 0, "param_group": "full"}}
@@ -49,16 +59,28 @@ class Retrain(Method):
         from diffunlearn.pretrain import pretrain_model
 
         recipe = self.recipe()
-        architecture = {"unet": dict(self.backend.unet.config), "text": self.backend.text_encoder.config.to_dict()}
-        folder = cache_dir() / "retrain" / config_hash({"recipe": recipe.model_dump(), "arch": architecture})
+        folder = cache_dir() / "retrain" / config_hash(self.cache_key(recipe))
         if (folder / "model" / "diffunlearn.json").exists():
             trained = T2IModel.from_pretrained(folder / "model")
             self._cost = {"steps": 0, "pretrain_cached": True}
         else:
-            trained = pretrain_model(recipe, folder, progress=False, like=self.backend)
+            trained = pretrain_model(recipe, folder, progress=False, like=self.backend,
+                                     train_text_encoder=self.cfg.train_text_encoder)
             self._cost = self.pretraining_cost(trained.meta, recipe.train.batch_size)
         self.backend.load_weights_from(trained)
         return {"loss": 0.0, "pretrain_steps": float(recipe.train.steps)}
+
+    def cache_key(self, recipe) -> dict:
+        """What the retrained model depends on: the recipe (with the forget set), the UNet's
+        architecture and the text encoder (the original's weights by hash, or retrained). Never
+        the folder the model was loaded from, so every checkout shares one cache entry."""
+        unet = {k: v for k, v in dict(self.backend.unet.config).items() if not k.startswith("_")}
+        if self.cfg.train_text_encoder:
+            text = {"retrained": {k: v for k, v in self.backend.text_encoder.config.to_dict().items()
+                                  if not k.startswith("_") and k != "transformers_version"}}
+        else:
+            text = {"original_frozen": self.backend.text_encoder_hash()}
+        return {"recipe": recipe.model_dump(), "unet": unet, "text_encoder": text}
 
     @staticmethod
     def pretraining_cost(meta: dict, batch_size: int) -> dict[str, int | bool]:

@@ -23,6 +23,7 @@ class Sfront(Method):
     Config = SfrontConfig
     paper = "[002] eq. 5"
     trains = "full UNet"
+    needs_retain = True
     profiles = {
         "paper": {"lr": 1e-5, "batch_size": 4, "steps": 1000, "beta": 1.0, "param_group": "full"},
         # measured forgetting `dotted` (100 steps): no setting erases it (UA 0): ascent on D_f

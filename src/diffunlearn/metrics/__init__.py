@@ -20,6 +20,9 @@ METRIC_HELP = {
     "preserve_FID": "FID of retain generations against the original model's from the same seeds [003] (lower: kept)",
     "erase_ACC": "[003]'s erase ACC: AR_MU_top1, % of forget generations classified as the forget concept",
     "preserve_ACC": "[003]'s preserve ACC: IRA, % of in-domain retain generations classified correctly",
+    "CLIP_score": "100 * max(cos(CLIP image, CLIP prompt), 0) on retain generations (clip evaluator) [004]",
+    "CLIP_score_forget": "the CLIP score of forget generations with their own prompts (clip evaluator)",
+    "nudenet": "NudeNet exposed body parts counted per class on forget / retain generations (nudenet) [003][004]",
     "weight_distance": "L2 distance and relative change of the trained weights from the original",
     "cost": "wall time, peak memory (RSS), optimizer steps",
 }

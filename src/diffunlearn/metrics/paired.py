@@ -7,9 +7,11 @@ is compared with the original model's generation from the same prompt and seed.
 - erase ACC / preserve ACC: [003]'s classifier accuracy on forget / retain generations, which
   are this toolkit's AR_MU_top1 (share classified as the forget concept) and IRA (in-domain
   retain accuracy); they are reported under [003]'s names beside those.
-LPIPS is not computed (it needs downloaded network weights). Features: the evaluators'
-penultimate layers (the FID feature space of this toolkit); the image counts are recorded,
-since an FID from fewer images than feature dimensions is biased (compare runs of one protocol).
+LPIPS is not computed (it needs downloaded network weights). Features: the run's FID/KID
+feature space (`eval.fid_features`: by default the evaluator's own, e.g. the canvas evaluator's
+penultimate layers; `inception:FILE` for Inception); without one the FIDs are None. The image
+counts are recorded, since an FID from fewer images than feature dimensions is biased (compare
+runs of one protocol).
 """
 
 from __future__ import annotations
@@ -17,23 +19,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from diffunlearn.metrics.classifier import Evaluators
+    from torch import nn
+
     from diffunlearn.metrics.evaluate import Evaluation
 
 
-def paired_metrics(before: Evaluation, after: Evaluation, evaluators: Evaluators) -> dict[str, Any]:
-    """erase/preserve FID and ACC of `after` against `before` (same plan: same prompts and seeds)."""
-    from diffunlearn.metrics.classifier import EvaluatorFeatures
+def paired_metrics(before: Evaluation, after: Evaluation, feature: nn.Module | None) -> dict[str, Any]:
+    """erase/preserve FID (in `feature`'s space; None without one) and ACC of `after` against
+    `before` (same plan: same prompts and seeds)."""
     from diffunlearn.metrics.fid import extract_features, frechet_distance
 
     if [(p.prompt, p.seed) for p in before.plan] != [(p.prompt, p.seed) for p in after.plan]:
         raise ValueError("paired metrics need two evaluations of the same prompts and seeds")
-    feature = EvaluatorFeatures(evaluators)
     out: dict[str, Any] = {}
     for name, roles in (("erase", ("forget-full", "forget-partial")), ("preserve", ("retain",))):
         index = [i for i, p in enumerate(before.plan) if p.role in roles]
         out[f"{name}_images"] = len(index)
-        if len(index) < 2:
+        if len(index) < 2 or feature is None:
             out[f"{name}_FID"] = None
             continue
         a = extract_features(feature, after.images[index])

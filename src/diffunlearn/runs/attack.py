@@ -12,131 +12,141 @@ from typing import Any
 from diffunlearn.runs.common import (
     Run,
     accelerator_peak,
-    attach_log,
-    detach_log,
-    load_evaluators,
+    load_judging,
+    load_model,
     log,
     loop_config,
+    make_task,
     peak_rss_mb,
     remove_checkpoint,
     run_or_skip,
     save_samples,
+    write_config,
     write_json,
+    write_run_marker,
 )
 from diffunlearn.runs.erase import erase
-from diffunlearn.runs.resolve import write_config, write_run_marker
+from diffunlearn.runs.resolve import check_threads, task_flags
 
 
 def attack(name: str | None, model: str | Path | None = None, forget: list[str] | None = None,
            config: str | Path | None = None, out: str | Path | None = None, overrides: list[str] | None = None,
            threads: int | None = None, progress: bool = True, original: str | Path | None = None,
-           notify: Callable[[str], None] | None = None) -> Run:
+           notify: Callable[[str], None] | None = None, concepts: str | None = None, anchor: str | None = None,
+           domain: str | None = None) -> Run:
     """Attack a model (an erase run's directory, the original model or a retrain, the latter two
     with `forget`) with `name` (`relearn` or `resurgence`): build the attack data, fine-tune,
     evaluate every `attack.eval_every` steps, and write the attack's run directory (default:
     inside the attacked run, `attacks/<name>-<id>`). Finished runs are skipped; interrupted
-    ones resume."""
+    ones resume. Raises TrainingDiverged (and marks the run `diverged`) on NaN or infinite values.
+    `concepts`, `anchor`, `domain`: as for `erase` (default: the attacked run's)."""
     from diffunlearn.runs.resolve import resolve_attack
 
-    resolved = resolve_attack(name, model, forget, config, overrides, original)
+    check_threads(threads)
+    resolved = resolve_attack(name, model, forget, config, overrides, original,
+                              task_flags(concepts=concepts, anchor=anchor, domain=domain))
     label = f"attack {resolved.run_id} ({resolved.attack} on {resolved.model_dir})"
-    return run_or_skip(resolved, out, "attack", label, notify, lambda out_dir: _execute_attack(
-        resolved, out_dir, threads, progress))
+    return run_or_skip(resolved, out, "attack", label, notify, threads, lambda: _load_attack(resolved, progress),
+                       lambda out_dir, loaded: _execute_attack(resolved, loaded, out_dir, progress))
 
 
 def erase_then_attack(method: str, attack_name: str, forget: list[str], model: str | Path | None = None,
                       overrides: list[str] | None = None, threads: int | None = None, progress: bool = True,
-                      notify: Callable[[str], None] | None = None) -> tuple[Run, Run]:
+                      notify: Callable[[str], None] | None = None, concepts: str | None = None,
+                      anchor: str | None = None, domain: str | None = None) -> tuple[Run, Run]:
     """The chain erase -> attack -> evaluate: `method.*` / `task.*` overrides go to the erase run,
-    `attack.*` to the attack, `eval.*` to both; each run lands in its default directory."""
+    `attack.*` to the attack, `eval.*` and `model.allow_pickle` to both; each run lands in its
+    default directory."""
+    check_threads(threads)
     overrides = overrides or []
     erase_overrides = [o for o in overrides if not o.startswith("attack.")]
-    attack_overrides = [o for o in overrides if o.startswith(("attack.", "eval."))]
+    attack_overrides = [o for o in overrides if o.startswith(("attack.", "eval.", "model.allow_pickle="))]
     erased = erase(method, forget, model=model, overrides=erase_overrides, threads=threads, progress=progress,
-                   notify=notify)
+                   notify=notify, concepts=concepts, anchor=anchor, domain=domain)
     attacked = attack(attack_name, erased.out, overrides=attack_overrides, threads=threads, progress=progress,
                       notify=notify)
     return erased, attacked
 
 
-def _execute_attack(resolved, out: Path, threads: int | None, progress: bool) -> Run:
+def _load_attack(resolved, progress: bool) -> dict[str, Any]:
+    """The attacked and the original model, the task, the attack and the evaluator, loaded
+    before the run directory is created (see runs/common.py)."""
     import torch
 
     from diffunlearn.attacks import attacks
-    from diffunlearn.backends.diffusers_t2i import T2IModel
-    from diffunlearn.data.tasks import UnlearningTask
+
+    torch.manual_seed(resolved.seed)
+    model = load_model(resolved.model_dir, resolved.allow_pickle)
+    c = resolved.attack_config
+    model.autocast = c.bf16
+    same = resolved.original_dir.resolve() == resolved.model_dir.resolve()
+    original = model if same else load_model(resolved.original_dir, resolved.allow_pickle)
+    task = make_task(resolved, original, progress)
+    attack_obj = attacks.get(resolved.attack)(c, model, task, original=original)
+    judging = load_judging(resolved.eval, resolved.concept_set) if resolved.eval.enabled else None
+    return {"model": model, "original": original, "same": same, "task": task, "attack": attack_obj,
+            "judging": judging}
+
+
+def _execute_attack(resolved, loaded: dict[str, Any], out: Path, progress: bool) -> Run:
+    import torch
+
     from diffunlearn.engine.loop import run_loop, write_curves
     from diffunlearn.metrics.diagnostics import DistanceTracker
 
-    out.mkdir(parents=True, exist_ok=True)
-    handler = attach_log(out / "log.txt")
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        torch.manual_seed(resolved.seed)
-        model = T2IModel.from_pretrained(resolved.model_dir)
-        c = resolved.attack_config
-        model.autocast = c.bf16
-        same = resolved.original_dir.resolve() == resolved.model_dir.resolve()
-        original = model if same else T2IModel.from_pretrained(resolved.original_dir)
-        t = resolved.task
-        task = UnlearningTask.create(t.forget, t.retain, t.images_per_pair, t.seed, t.anchor_scheme,
-                                     image_size=model.image_shape[-1])
-        attack_obj = attacks.get(resolved.attack)(c, model, task, original=original)
-        data = attack_obj.prepare()
-        shown = sorted(data.concepts() & set(task.forget))
-        if shown:
-            raise RuntimeError(f"attack data shows erased concepts {shown}: the protocol is broken")
-        config = resolved.as_dict() | {"run_id": resolved.run_id, "versions": resolved.versions,
-                                       "resolved": {"threads": torch.get_num_threads(), "data": data.info}}
-        write_config(out, config)
-        write_run_marker(out, resolved.run_id, "attack", "running")
-        write_json(out / "data.json", {**data.info, "prompts": sorted(set(data.prompts))})
-        log.info("attack %s on %s: forget %s, %d images, %d steps (run %s)", resolved.attack, resolved.model_dir,
-                 t.forget, len(data), c.steps, resolved.run_id)
+    model, original, same, task = loaded["model"], loaded["original"], loaded["same"], loaded["task"]
+    attack_obj, judging = loaded["attack"], loaded["judging"]
+    c, t = resolved.attack_config, resolved.task
+    data = attack_obj.prepare()
+    shown = sorted(data.concepts() & set(task.forget))
+    if shown:
+        raise RuntimeError(f"attack data shows erased concepts {shown}: the protocol is broken")
+    config = resolved.as_dict() | {"run_id": resolved.run_id, "versions": resolved.versions,
+                                   "resolved": {"threads": torch.get_num_threads(), "data": data.info}}
+    write_config(out, config)
+    write_json(out / "data.json", {**data.info, "prompts": sorted(set(data.prompts))})
+    log.info("attack %s on %s: forget %s, %d images, %d steps (run %s)", resolved.attack, resolved.model_dir,
+             t.forget, len(data), c.steps, resolved.run_id)
 
-        original_weights = original.effective_weights()
-        tracker = DistanceTracker(original_weights, model.effective_weights(), attack_obj.trained_weight_names())
-        del original_weights
-        if not same:
-            del original, attack_obj.original
-            attack_obj.original = model
-        evaluators = load_evaluators(resolved.eval.evaluators) if resolved.eval.enabled else None
-        watcher = _AttackWatcher(model, evaluators, task.forget, resolved, tracker, out)
-        params = attack_obj.trainable()
-        loop_cfg = loop_config(c, c.steps, resolved.seed, progress, f"attack ({resolved.attack})",
-                                hook_every=c.eval_every or c.steps)
-        model.counters = dict.fromkeys(model.counters, 0)
-        result = run_loop(params, attack_obj.step, loop_cfg, checkpoint_dir=out / "checkpoint",
-                          hooks=[watcher])
-        write_curves(out / "curves.csv", result.curves)
-        write_curves(out / "attack_curve.csv", result.hook_rows)
-        changed = attack_obj.finish()
-        model.meta["changed_params"] = sorted(set(model.meta.get("changed_params", [])) | set(changed))
-        model.meta.update(attack=resolved.attack, attack_run_id=resolved.run_id, forget=task.forget)
-        if resolved.alternatives:
-            model.meta["alternatives"] = resolved.alternatives
-        model.save_pretrained(out / "model", changed_only=True)
+    original_weights = original.effective_weights()
+    tracker = DistanceTracker(original_weights, model.effective_weights(), attack_obj.trained_weight_names())
+    del original_weights
+    if not same:
+        del original, attack_obj.original
+        attack_obj.original = model
+    watcher = _AttackWatcher(model, judging, task, resolved, tracker, out)
+    params = attack_obj.trainable()
+    loop_cfg = loop_config(c, c.steps, resolved.seed, progress, f"attack ({resolved.attack})",
+                            hook_every=c.eval_every or c.steps)
+    model.counters = dict.fromkeys(model.counters, 0)
+    result = run_loop(params, attack_obj.step, loop_cfg, checkpoint_dir=out / "checkpoint",
+                      hooks=[watcher])
+    write_curves(out / "curves.csv", result.curves)
+    write_curves(out / "attack_curve.csv", result.hook_rows)
+    changed = attack_obj.finish()
+    model.meta["changed_params"] = sorted(set(model.meta.get("changed_params", [])) | set(changed))
+    model.meta.update(attack=resolved.attack, attack_run_id=resolved.run_id, forget=task.forget)
+    if resolved.alternatives:
+        model.meta["alternatives"] = resolved.alternatives
+    model.save_pretrained(out / "model", changed_only=True)
 
-        metrics: dict[str, Any] = {"run_id": resolved.run_id, "attack": resolved.attack, "forget": task.forget,
-                                   "model": str(resolved.model_dir), "original": str(resolved.original_dir),
-                                   "alternatives": resolved.alternatives, "data": data.info}
-        metrics["cost"] = {"train_seconds": round(result.seconds, 2), "steps": c.steps,
-                           "resumed_from_step": result.resumed_from, "peak_rss_mb": peak_rss_mb(),
-                           **dict(model.counters), **accelerator_peak()}
-        metrics["curve"] = result.hook_rows
-        metrics["summary"] = attack_summary(result.hook_rows)
-        before, after = watcher.full("before"), watcher.full("after")
-        if before is not None and after is not None:
-            metrics["before"], metrics["after"] = before.metrics, after.metrics
-            save_samples(out / "samples.png", before, after)
-        write_json(out / "metrics.json", metrics)
-        write_run_marker(out, resolved.run_id, "attack", "complete")
-        remove_checkpoint(out)
-        log.info("done: %s", json.dumps(metrics["summary"]))
-        return Run(out, resolved.run_id, config, metrics)
-    finally:
-        detach_log(handler)
+    metrics: dict[str, Any] = {"run_id": resolved.run_id, "attack": resolved.attack, "forget": task.forget,
+                               "model": str(resolved.model_dir), "original": str(resolved.original_dir),
+                               "alternatives": resolved.alternatives, "data": data.info}
+    metrics["cost"] = {"train_seconds": round(result.seconds, 2), "steps": c.steps,
+                       "resumed_from_step": result.resumed_from, "peak_rss_mb": peak_rss_mb(),
+                       **dict(model.counters), **accelerator_peak()}
+    metrics["curve"] = result.hook_rows
+    metrics["summary"] = attack_summary(result.hook_rows)
+    before, after = watcher.full("before"), watcher.full("after")
+    if before is not None and after is not None:
+        metrics["before"], metrics["after"] = before.metrics, after.metrics
+        save_samples(out / "samples.png", before, after)
+    write_json(out / "metrics.json", metrics)
+    write_run_marker(out, resolved.run_id, "attack", "complete")
+    remove_checkpoint(out)
+    log.info("done: %s", json.dumps(metrics["summary"]))
+    return Run(out, resolved.run_id, config, metrics)
 
 
 class _AttackWatcher:
@@ -144,21 +154,24 @@ class _AttackWatcher:
     and the weights' distance to the original at step 0, every `eval_every` steps and at the
     end. The full evaluations before and after are kept on disk, so a resumed run has them."""
 
-    def __init__(self, model, evaluators, forget, resolved, tracker, out: Path):
-        self.model, self.evaluators, self.forget, self.resolved = model, evaluators, forget, resolved
+    def __init__(self, model, judging, task, resolved, tracker, out: Path):
+        self.model, self.judging, self.task, self.resolved = model, judging, task, resolved
         self.tracker, self.out = tracker, out
         self.steps = resolved.attack_config.steps
         self.reference_fid: float | None = None
 
     def __call__(self, step: int) -> dict[str, float]:
         row = dict(self.tracker(self.model.effective_weights()))
-        if self.evaluators is None:
+        if self.judging is None:
             return row
+        if self.judging.evaluator is None and step not in (0, self.steps):
+            return row  # without an evaluator only the samples before and after are worth generating
         from diffunlearn.metrics.evaluate import evaluate_model
 
-        result = evaluate_model(self.model, self.evaluators, self.forget, self.resolved.eval,
-                                alternatives=self.resolved.alternatives, reference_fid=self._reference_fid(),
-                                progress=False)
+        result = evaluate_model(self.model, self.judging.evaluator, self.task.forget, self.resolved.eval,
+                                concept_set=self.judging.concept_set, alternatives=self.resolved.alternatives,
+                                reference_fid=self._reference_fid(), reference=self.task.source,
+                                fid_feature=self.judging.fid_feature, progress=False, data_seed=self.task.seed)
         m = result.metrics
         if step == 0:
             self._store("before", result)

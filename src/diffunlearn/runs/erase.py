@@ -7,124 +7,156 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from diffunlearn.runs.common import (
     Run,
     accelerator_peak,
-    attach_log,
-    detach_log,
-    load_evaluators,
+    load_judging,
+    load_model,
     log,
     loop_config,
+    make_task,
     peak_rss_mb,
     remove_checkpoint,
     run_or_skip,
     save_samples,
+    write_config,
     write_json,
+    write_run_marker,
 )
-from diffunlearn.runs.resolve import ResolvedRun, resolve_erase, write_config, write_run_marker
+from diffunlearn.runs.resolve import ResolvedRun, check_threads, resolve_erase, task_flags
 
 
 def erase(method: str | None, forget: list[str] | None = None, retain: list[str] | None = None,
           model: str | Path | None = None, config: str | Path | None = None, out: str | Path | None = None,
           overrides: list[str] | None = None, threads: int | None = None, progress: bool = True,
-          notify: Callable[[str], None] | None = None) -> Run:
+          notify: Callable[[str], None] | None = None, concepts: str | None = None, anchor: str | None = None,
+          domain: str | None = None) -> Run:
     """Erase `forget` from `model` (default: the shipped testbed) with `method`, evaluate before
     and after, and write the run directory. Finished runs are skipped; interrupted ones resume.
-    `notify` receives one line saying which of the three happens."""
-    resolved = resolve_erase(method, forget, retain, model, config, overrides)
+    `notify` receives one line saying which of the three happens. Raises TrainingDiverged (and
+    marks the run `diverged`) if training produces NaN or infinite values. `concepts` (a concept-set
+    file or built-in name), `anchor` and `domain` set `task.concepts`, `task.anchor`, `task.domain`."""
+    check_threads(threads)
+    resolved = resolve_erase(method, forget, retain, model, config, overrides,
+                             task_flags(concepts=concepts, anchor=anchor, domain=domain))
     label = f"run {resolved.run_id} ({resolved.method}, profile {resolved.profile})"
-    return run_or_skip(resolved, out, "erase", label, notify, lambda out_dir: _execute_erase(
-        resolved, out_dir, threads, progress))
+    return run_or_skip(resolved, out, "erase", label, notify, threads, lambda: _load_erase(resolved, progress),
+                       lambda out_dir, loaded: _execute_erase(resolved, loaded, out_dir, progress))
 
 
-def _execute_erase(resolved: ResolvedRun, out: Path, threads: int | None, progress: bool) -> Run:
+@dataclass
+class _Loaded:
+    """What an erase run needs, loaded before its directory is created (a model folder that
+    fails only at load, or a task that cannot be built, fails without writing anything)."""
+
+    model: Any
+    task: Any
+    method: Any
+    steps: int
+    judging: Any
+
+
+def _load_erase(resolved: ResolvedRun, progress: bool) -> _Loaded:
     import torch
 
-    from diffunlearn.backends.diffusers_t2i import T2IModel
-    from diffunlearn.data.tasks import UnlearningTask
-    from diffunlearn.engine.loop import run_loop, write_curves
     from diffunlearn.methods import methods
+
+    torch.manual_seed(resolved.seed)
+    model = load_model(resolved.model_dir, resolved.allow_pickle)
+    model.autocast = resolved.method_config.bf16
+    task = make_task(resolved, model, progress)
+    method = methods.get(resolved.method)(resolved.method_config, model, task)
+    steps = method.resolved_steps()
+    judging = load_judging(resolved.eval, resolved.concept_set) if resolved.eval.enabled else None
+    return _Loaded(model, task, method, steps, judging)
+
+
+def _execute_erase(resolved: ResolvedRun, loaded: _Loaded, out: Path, progress: bool) -> Run:
+    import torch
+
+    from diffunlearn.engine.loop import check_finite_weights, run_loop, write_curves
     from diffunlearn.metrics.diagnostics import DistanceTracker, weight_distance
     from diffunlearn.metrics.paired import paired_metrics
 
-    out.mkdir(parents=True, exist_ok=True)
-    handler = attach_log(out / "log.txt")
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        torch.manual_seed(resolved.seed)
-        model = T2IModel.from_pretrained(resolved.model_dir)
-        model.autocast = resolved.method_config.bf16
-        t = resolved.task
-        task = UnlearningTask.create(t.forget, t.retain, t.images_per_pair, t.seed, t.anchor_scheme,
-                                     image_size=model.image_shape[-1])
-        method_cls = methods.get(resolved.method)
-        method = method_cls(resolved.method_config, model, task)
-        steps = method.resolved_steps()
-        config = resolved.as_dict() | {"run_id": resolved.run_id, "versions": resolved.versions,
-                                       "resolved": {"steps": steps, "param_group": method.param_group(),
-                                                    "anchor_map": task.anchor_map, "threads": torch.get_num_threads()}}
-        write_config(out, config)
-        write_run_marker(out, resolved.run_id, "erase", "running")
-        log.info("erase %s: forget %s, %d steps on %s (run %s)", resolved.method, t.forget, steps,
-                 method.param_group(), resolved.run_id)
+    model, task, method, steps, judging = loaded.model, loaded.task, loaded.method, loaded.steps, loaded.judging
+    t = resolved.task
+    config = resolved.as_dict() | {"run_id": resolved.run_id, "versions": resolved.versions,
+                                   "resolved": {"steps": steps, "param_group": method.param_group(),
+                                                "anchor_map": task.anchor_map, "threads": torch.get_num_threads()}}
+    write_config(out, config)
+    log.info("erase %s: forget %s, %d steps on %s (run %s)", resolved.method, t.forget, steps,
+             method.param_group(), resolved.run_id)
 
-        evaluators = load_evaluators(resolved.eval.evaluators) if resolved.eval.enabled else None
-        alternatives = task.anchor_map if method.uses_anchor else None
-        before = _evaluate_cached(model, evaluators, task.forget, resolved, alternatives, progress)
+    alternatives = task.anchor_map if method.uses_anchor else None
+    before = _evaluate_cached(model, judging, task, resolved, alternatives, progress)
 
-        params = model.set_trainable(method.param_group())
-        method.setup()
-        c = resolved.method_config
-        # diagnostics every log_every steps: each group's distance from the original weights
-        loop_cfg = loop_config(c, steps, resolved.seed, progress, f"erase ({resolved.method})",
-                                hook_every=c.log_every)
-        start = {n: p.detach() for n, p in model.unet.named_parameters()}
-        tracker = DistanceTracker(start, start, list(params))
-        rss_before = peak_rss_mb()
-        model.counters = dict.fromkeys(model.counters, 0)  # count the unlearning only, not the evaluation
-        if method.closed_form:
-            result = _closed_form(method)
-        else:
-            result = run_loop(params, method.step, loop_cfg, checkpoint_dir=out / "checkpoint",
-                              hooks=[lambda step: tracker(dict(model.unet.named_parameters()))],
-                              extra_state=method.extra_state, load_extra_state=method.load_extra_state)
-        write_curves(out / "curves.csv", result.curves)
-        if result.hook_rows:
-            write_curves(out / "diagnostics.csv", result.hook_rows)
-        model.meta.update(forget=task.forget, method=resolved.method, run_id=resolved.run_id)
-        if alternatives:
-            model.meta["alternatives"] = alternatives
-        if getattr(method, "full_model", False):
-            # a full model (retrain) has no base; attacks measure distances against this original
-            model.meta["original"] = {"path": str(Path(resolved.model_dir).resolve()), "hash": resolved.model_hash}
-        model.save_pretrained(out / "model", changed_only=not getattr(method, "full_model", False))
-        model.path = out / "model"
+    task.prefetch()  # every training image, before training changes the model that may generate them
 
-        metrics: dict[str, Any] = {"run_id": resolved.run_id, "method": resolved.method, "forget": task.forget,
-                                   "anchor_map": task.anchor_map}
-        metrics["cost"] = {"train_seconds": round(result.seconds, 2), "steps": steps,
-                           "resumed_from_step": result.resumed_from, "peak_rss_mb": peak_rss_mb(),
-                           "peak_rss_mb_before_training": rss_before, **dict(model.counters),
-                           **accelerator_peak(), **method.cost()}
-        metrics["diagnostics"] = {"weight_distance": weight_distance(model.teacher_params(), params),
-                                  "final_loss": result.curves[-1] if result.curves else None,
-                                  "distance_by_group": result.hook_rows[-1] if result.hook_rows else None}
-        if evaluators is not None:
-            after = _evaluate(model, evaluators, task.forget, resolved, alternatives, before, progress)
-            metrics["before"], metrics["after"] = before.metrics, after.metrics
-            metrics["paired"] = paired_metrics(before, after, evaluators)
-            save_samples(out / "samples.png", before, after)
-        write_json(out / "metrics.json", metrics)
-        write_run_marker(out, resolved.run_id, "erase", "complete")
-        remove_checkpoint(out)
-        log.info("done: %s", json.dumps({k: metrics.get("after", {}).get(k) for k in ("UA", "IRA", "CRA", "SFID")}))
-        return Run(out, resolved.run_id, config, metrics)
-    finally:
-        detach_log(handler)
+    params = model.set_trainable(method.param_group())
+    method.setup()
+    c = resolved.method_config
+    # diagnostics every log_every steps: each group's distance from the original weights
+    loop_cfg = loop_config(c, steps, resolved.seed, progress, f"erase ({resolved.method})", hook_every=c.log_every)
+    start = {n: p.detach() for n, p in model.unet.named_parameters()}
+    tracker = DistanceTracker(start, start, list(params))
+    rss_before = peak_rss_mb()
+    model.counters = dict.fromkeys(model.counters, 0)  # count the unlearning only, not the evaluation
+    if method.closed_form:
+        result = _closed_form(method)
+        check_finite_weights(dict(model.unet.named_parameters()), 0, None)
+    else:
+        result = run_loop(params, method.step, loop_cfg, checkpoint_dir=out / "checkpoint",
+                          hooks=[lambda step: tracker(dict(model.unet.named_parameters()))],
+                          extra_state=method.extra_state, load_extra_state=method.load_extra_state)
+    _deliver_final_weights(method, params)
+    write_curves(out / "curves.csv", result.curves)
+    if result.hook_rows:
+        write_curves(out / "diagnostics.csv", result.hook_rows)
+    model.meta.update(forget=task.forget, method=resolved.method, run_id=resolved.run_id)
+    if alternatives:
+        model.meta["alternatives"] = alternatives
+    if getattr(method, "full_model", False):
+        # a full model (retrain) has no base; attacks measure distances against this original
+        model.meta["original"] = {"path": str(Path(resolved.model_dir).resolve()), "hash": resolved.model_hash}
+    model.save_pretrained(out / "model", changed_only=not getattr(method, "full_model", False))
+    model.path = out / "model"
+
+    metrics: dict[str, Any] = {"run_id": resolved.run_id, "method": resolved.method, "forget": task.forget,
+                               "anchor_map": task.anchor_map}
+    metrics["cost"] = {"train_seconds": round(result.seconds, 2), "steps": steps,
+                       "resumed_from_step": result.resumed_from, "peak_rss_mb": peak_rss_mb(),
+                       "peak_rss_mb_before_training": rss_before, **dict(model.counters),
+                       **accelerator_peak(), **method.cost()}
+    metrics["diagnostics"] = {"weight_distance": weight_distance(model.teacher_params(), params),
+                              "final_loss": result.curves[-1] if result.curves else None,
+                              "distance_by_group": result.hook_rows[-1] if result.hook_rows else None}
+    if judging is not None:
+        after = _evaluate(model, judging, task, resolved, alternatives, before, progress)
+        metrics["before"], metrics["after"] = before.metrics, after.metrics
+        metrics["paired"] = paired_metrics(before, after, judging.fid_feature)
+        save_samples(out / "samples.png", before, after)
+        if after.metrics.get("not_computed"):
+            log.info("%s", after.metrics["not_computed"])
+    write_json(out / "metrics.json", metrics)
+    write_run_marker(out, resolved.run_id, "erase", "complete")
+    remove_checkpoint(out)
+    log.info("done: %s", json.dumps({k: metrics.get("after", {}).get(k) for k in ("UA", "IRA", "CRA", "SFID")}))
+    return Run(out, resolved.run_id, config, metrics)
+
+
+def _deliver_final_weights(method, params) -> None:
+    """Replace the trained weights with the ones the method delivers (SDD: its EMA), if any."""
+    final = method.final_weights()
+    if final:
+        import torch
+
+        with torch.no_grad():
+            for name, value in final.items():
+                params[name].copy_(value)
 
 
 def _closed_form(method):
@@ -135,31 +167,35 @@ def _closed_form(method):
     return LoopResult(steps=0, curves=[{"step": 0, **logs}], hook_rows=[], seconds=time.perf_counter() - start)
 
 
-def _evaluate(model, evaluators, forget, resolved: ResolvedRun, alternatives, before, progress: bool):
+def _evaluate(model, judging, task, resolved: ResolvedRun, alternatives, before, progress: bool):
     from diffunlearn.metrics.evaluate import evaluate_model
 
-    reference = before.metrics.get("FID") if before is not None else None
-    return evaluate_model(model, evaluators, forget, resolved.eval, alternatives=alternatives,
-                          reference_fid=reference, progress=progress)
+    reference_fid = before.metrics.get("FID") if before is not None else None
+    return evaluate_model(model, judging.evaluator, task.forget, resolved.eval, concept_set=judging.concept_set,
+                          alternatives=alternatives, reference_fid=reference_fid, reference=task.source,
+                          fid_feature=judging.fid_feature, progress=progress, data_seed=task.seed)
 
 
-def _evaluate_cached(model, evaluators, forget, resolved: ResolvedRun, alternatives, progress: bool):
-    """The original model's evaluation, cached per (model, forget set, eval config, alternatives):
-    every erase run of the same model and concepts starts from the same 'before'."""
-    if evaluators is None:
+def _evaluate_cached(model, judging, task, resolved: ResolvedRun, alternatives, progress: bool):
+    """The original model's evaluation, cached per (model, forget set, eval config, evaluator,
+    concept set, alternatives): every erase run of the same model and concepts starts from the
+    same 'before'."""
+    if judging is None:
         return None
     from diffunlearn.config import config_hash
     from diffunlearn.data.tasks import cache_dir
     from diffunlearn.metrics.evaluate import Evaluation
 
-    key = config_hash({"model": resolved.model_hash, "forget": sorted(forget), "eval": resolved.eval.model_dump(),
+    key = config_hash({"model": resolved.model_hash, "forget": sorted(task.forget), "data_seed": task.seed,
+                       "eval": resolved.eval.model_dump(),
+                       "evaluator": judging.spec, "concepts": judging.concept_set.fingerprint(),
                        "alternatives": alternatives, "versions": resolved.versions})
     folder = cache_dir() / "evaluations" / key
     if (folder / "metrics.json").exists() and (folder / "images.npy").exists():
         try:
             return Evaluation.load(folder)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass  # a corrupt cache entry is recomputed
-    result = _evaluate(model, evaluators, forget, resolved, alternatives, None, progress)
+    result = _evaluate(model, judging, task, resolved, alternatives, None, progress)
     result.save(folder)
     return result

@@ -14,15 +14,24 @@ DEMO_CONCEPT = "dotted"
 
 def demo(out: str | Path = "runs/demo", threads: int | None = None, progress: bool = True) -> Path:
     """Erase one style with CORE from the shipped model; write the run and `report.md`."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "run").is_dir():
-        from diffunlearn.runs.resolve import RunDirError
+    from diffunlearn.config import shown
+    from diffunlearn.io import atomic_write_text
+    from diffunlearn.runs.common import check_creatable, is_scaffolding
+    from diffunlearn.runs.resolve import RunDirError, check_threads
 
-        raise RunDirError(f"output directory {out} is not empty and holds no demo; choose another --out")
+    out = Path(out)
+    check_threads(threads)
+    if not out.exists():
+        check_creatable(out)
+    elif not out.is_dir():
+        raise RunDirError(f"output path {shown(str(out), 120)} exists and is not a directory; choose another --out")
+    elif any(p.name not in ("run", "report.md") and not is_scaffolding(p.name) for p in out.iterdir()):
+        raise RunDirError(f"output directory {shown(str(out), 120)} is not empty and holds no demo; "
+                          "choose another --out")
     start = time.perf_counter()
     run = erase(DEMO_METHOD, forget=[DEMO_CONCEPT], out=out / "run", threads=threads, progress=progress)
     report = out / "report.md"
-    report.write_text(render_report(run, seconds=time.perf_counter() - start))
+    atomic_write_text(report, render_report(run, seconds=time.perf_counter() - start))
     return report
 
 
