@@ -59,10 +59,10 @@ class FakeExecutor:
     """Completes each node at once, recording it as the worker would (with `metrics` and
     `curves` of each kind), and fails the nodes asked to."""
 
-    def __init__(self, fail=(), metrics=None, curves=None):
+    def __init__(self, fail=(), metrics=None, curves=None, diverge=()):
         self.metrics = metrics or (lambda spec: {"UA": 50.0})
         self.curves = curves or (lambda spec: [])
-        self.submitted, self.finished, self.fail = [], [], set(fail)
+        self.submitted, self.finished, self.fail, self.diverge = [], [], set(fail), set(diverge)
         self.queue = []
 
     def submit(self, spec):
@@ -70,17 +70,38 @@ class FakeExecutor:
         from diffunlearn.bench.worker import _save_record
 
         self.submitted.append(spec["node"])
-        ok = spec["node"] not in self.fail
+        status = "diverged" if spec["node"] in self.diverge else "failed" if spec["node"] in self.fail else "complete"
         record = fake_record(spec, self.metrics(spec), self.curves(spec))
-        if not ok:
-            record |= {"status": "failed", "metrics": {}, "error": "RuntimeError: asked to fail"}
+        if status != "complete":
+            record |= {"status": status, "metrics": {}, "error": f"asked to end {status}"}
         _save_record(spec, record)
         Store(spec["store"]).record(record)
-        self.queue.append((spec["node"], "complete" if ok else "failed"))
+        self.queue.append((spec["node"], status))
 
     def poll(self, timeout=0.0):
         done, self.queue = self.queue[:1], self.queue[1:]
         self.finished += [n for n, _ in done]
+        return done
+
+    def shutdown(self):
+        pass
+
+
+class InlineExecutor:
+    """Runs each node in this process through the worker's entry point (`run_node`): the real
+    runs, without a process start-up per node (the local executor's processes are tested in
+    test_bench_run.py's slow tests)."""
+
+    def __init__(self):
+        self.finished = []
+
+    def submit(self, spec):
+        from diffunlearn.bench.worker import run_node
+
+        self.finished.append((spec["node"], run_node(spec, raise_on_failure=False)["status"]))
+
+    def poll(self, timeout=0.0):
+        done, self.finished = self.finished, []
         return done
 
     def shutdown(self):

@@ -46,9 +46,12 @@ def test_every_shipped_recipe_validates_expands_and_states_its_size(name, tmp_pa
     assert all(n.run_id and n.run_id in n.out.name for n in erase)  # the directory is derived from the run id
 
 
-def test_bench_ls_lists_every_recipe_without_torch():
+def test_bench_ls_and_expansion_without_torch():
+    """Listing and expanding (every run resolved with resolve_erase / resolve_attack) import no torch."""
     code = ("import sys; from typer.testing import CliRunner; from diffunlearn.cli import app; "
             "r = CliRunner().invoke(app, ['bench', 'ls']); print(r.stdout); assert r.exit_code == 0; "
+            "d = CliRunner().invoke(app, ['bench', 'quick', '--dry-run', '--root', '/nonexistent/bench']); "
+            "assert d.exit_code == 0 and '16 runs' in d.stdout, d.output; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -71,6 +74,17 @@ BAD_RECIPES = {
                              "sets 'attack'"),
     "bad method value": ("groups: [{id: g, methods: [core], forget: [one], overrides: [method.lr=-1]}]",
                          "method.lr"),
+    # every override passes the strict checks of the run it reaches (attacks: resolve_attack)
+    "unknown method key": ("groups: [{id: g, methods: [mace], forget: [one], overrides: [method.mapping_object=x]}]",
+                           "unknown config key 'method.mapping_object'"),
+    "unknown attack key": ("groups: [{id: g, methods: [core], forget: [one], attacks: [{id: a, attack: relearn, "
+                           "overrides: [attack.stepz=1]}]}]", "unknown config key 'attack.stepz'"),
+    "bad attack value": ("groups: [{id: g, methods: [original], forget: [one], attacks: [{id: a, attack: relearn, "
+                         "overrides: [attack.data=nowhere]}]}]", "attack.data"),
+    "the old evaluator key": ("protocols: {fast: ['eval.evaluators=/x']}", "eval.evaluator=canvas:DIR"),
+    "the old task key": ("overrides: [task.images_per_pair=1]", "task.images_per_pair"),
+    "concept set as an override": ("overrides: [task.concepts=canvas]", "recipe's `task:` block"),
+    "unknown concept set": ("task: {concepts: no-such-set.yaml}", "forget set 'one'"),
 }
 
 
@@ -97,6 +111,51 @@ def test_unknown_recipe_name_suggests_the_close_one():
 
 
 # ---- expansion -----------------------------------------------------------------------------------
+
+def test_a_recipe_on_another_concept_set(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    """The recipe's `task:` block (or --concepts / --forget-set) reaches every run: erase runs
+    resolve with it, the control evaluates with it, the attacks get it; a set file named by the
+    recipe is read beside the recipe."""
+    import shutil
+
+    from diffunlearn.bench.recipe import with_concepts
+    from diffunlearn.config import ConfigError
+    from diffunlearn.data.concepts import SETS_DIR
+    from diffunlearn.runs.resolve import resolve_erase
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, methods=("original", "core"))
+    default = load_recipe(path)
+    plain = expand(default, tmp_path / "root")
+    assert all(n.task_options == {} for n in plain)
+
+    moved = with_concepts(default, concepts="canvas", forget_sets={"dotted": ["grid"]})
+    nodes = expand(moved, tmp_path / "root")
+    assert [n.node for n in nodes] == [n.node for n in plain]  # the same labels: claims still apply
+    assert all(n.concepts == ["grid"] and n.task_options == {"concepts": "canvas"} for n in nodes)
+    erase = next(n for n in nodes if n.kind == "erase")
+    resolved = resolve_erase("core", ["grid"], None, str(tiny_model_dir), None, erase.overrides, {"concepts": "canvas"})
+    assert erase.run_id == resolved.run_id and resolved.task.concepts == "canvas"
+    assert not {n.out for n in nodes} & {n.out for n in plain}  # other runs, other directories
+    spec = next(n for n in nodes if n.kind == "evaluate").spec(tmp_path, None, {})
+    assert spec["task_options"] == {"concepts": "canvas"} and spec["concepts"] == ["grid"]
+    with pytest.raises(ConfigError, match="no forget set 'nope'"):
+        with_concepts(default, forget_sets={"nope": ["grid"]})
+
+    # a concept-set file named in the recipe is found beside it, from any working directory
+    shutil.copy(SETS_DIR / "canvas.yaml", tmp_path / "myset.yaml")
+    path.write_text(path.read_text() + "task: {concepts: myset.yaml}\n")
+    recipe = load_recipe(path)
+    assert recipe.task.concepts == str((tmp_path / "myset.yaml").resolve())
+    assert all(n.task_options == {"concepts": recipe.task.concepts} for n in expand(recipe, tmp_path / "root"))
+
+    # the command line: --forget-set NAME=C1,C2 (malformed: exit 2, one line) and --concepts
+    result = runner.invoke(app, ["bench", str(path), "--root", str(tmp_path / "root"), "--dry-run",
+                                 "--concepts", "canvas", "--forget-set", "dotted=grid,wavy"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["bench", str(path), "--dry-run", "--forget-set", "dotted"])
+    assert result.exit_code == 2 and "NAME=CONCEPT" in result.output
+    result = runner.invoke(app, ["bench", str(path), "--dry-run", "--forget-set", "dotted=doted"])
+    assert result.exit_code == 2 and "unknown concept 'doted'" in result.output
 
 def test_expansion_crosses_methods_seeds_and_attacks(tmp_path, tiny_model_dir, tiny_evaluator_dir):
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1), methods=("original", "core", "esd"))
@@ -242,6 +301,58 @@ def test_runner_orders_dependencies_skips_finished_and_blocks_after_failures(tmp
     rows = {r["node"]: r for r in Store(root / "results.sqlite").runs(recipe.name)}
     assert len(rows) == len(nodes) and rows["g/default/core/dotted/s0"]["status"] == "failed"
     assert rows["g/default/core/dotted/s0/relearn-i"]["status"] == "pending"
+
+
+def test_a_diverged_run_counts_as_failed_and_is_never_retried(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1))
+    root = tmp_path / "root"
+    diverging = FakeExecutor(diverge={"g/default/core/dotted/s0"})
+    result = run_grid(expand(load_recipe(path), root), diverging, root, jobs=4, retries=3, report=lambda line: None)
+    assert diverging.submitted.count("g/default/core/dotted/s0") == 1  # deterministic: no retry
+    assert result.failed == result.diverged == ["g/default/core/dotted/s0"] and not result.ok
+    assert result.blocked == ["g/default/core/dotted/s0/relearn-i"]
+    assert sorted(result.done) == ["g/default/core/dotted/s1", "g/default/core/dotted/s1/relearn-i"]
+    rows = {r["node"]: r for r in Store(root / "results.sqlite").runs("tiny")}
+    assert rows["g/default/core/dotted/s0"]["status"] == "diverged"
+
+
+def test_worker_reports_diverged_runs_and_run_directories_in_use(tmp_path, tiny_model_dir, tiny_evaluator_dir,
+                                                                 monkeypatch):
+    """The worker's side, without training: a run that raises TrainingDiverged, or whose run.json
+    already says `diverged`, is recorded `diverged` (exit 3, never raised for Ray/submitit to
+    retry); a run directory another command holds makes the node busy, not failed."""
+    import json
+
+    import diffunlearn
+    from diffunlearn.bench.executors import EXIT_STATUS
+    from diffunlearn.bench.grid import write_spec
+    from diffunlearn.bench.worker import EXIT_DIVERGED, NodeBusy, main, run_node
+    from diffunlearn.engine.errors import TrainingDiverged
+    from diffunlearn.runs.common import claimed_dir
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, attacks=False)
+    root = tmp_path / "root"
+    node = expand(load_recipe(path), root)[0]
+    spec = node.spec(root, 1, {})
+
+    def diverges(*args, **kwargs):
+        raise TrainingDiverged(4, "loss is nan", None)
+
+    monkeypatch.setattr(diffunlearn, "erase", diverges)
+    record = run_node(spec, raise_on_failure=True)  # returned, not raised
+    assert record["status"] == "diverged" and "step 4" in record["error"]
+    monkeypatch.undo()
+
+    node.out.mkdir(parents=True)
+    (node.out / "run.json").write_text(json.dumps({"run_id": node.run_id, "kind": "erase", "status": "diverged",
+                                                   "step": 7, "reason": "gradient norm is inf"}))
+    assert main([str(write_spec(spec, tmp_path / "specs"))]) == EXIT_DIVERGED and EXIT_STATUS[3] == "diverged"
+    saved = json.loads(next((root / "tiny" / "records").glob("*.json")).read_text())
+    assert saved["status"] == "diverged" and "step 7" in saved["error"]
+
+    (node.out / "run.json").unlink()
+    with claimed_dir(node.out), pytest.raises(NodeBusy, match="in use"):  # `diffunlearn erase --out` holds it
+        run_node(spec)
 
 
 # ---- results and the report (fake records) -----------------------------------------------------------

@@ -1,5 +1,8 @@
-"""Benchmark grids that really run (tiny model, tiny evaluators): the local executor killed with
-SIGKILL mid-grid and rerun, a local Ray cluster, submitit's local executor, and (slow) `quick`."""
+"""Benchmark grids that really run (tiny model, tiny evaluators): the `quick` recipe's grid
+through the worker in-process, then its results and report (default suite); slow: the local
+executor killed with SIGKILL mid-grid and rerun, a local Ray cluster, submitit's local
+executor (each starts a Python process per run, a minute or more on 2 busy cores), and `quick`
+itself on the testbed."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from bench_helpers import tiny_recipe
+from bench_helpers import TINY_ERASE, InlineExecutor, tiny_recipe
+from conftest import TINY_EVAL
 
 from diffunlearn.bench import load_recipe, run_bench
 from diffunlearn.bench.store import Store
@@ -27,16 +31,57 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _check_complete(root: Path, recipe_path: Path, nodes: int) -> list[dict]:
+def _check_complete(root: Path, recipe, nodes: int) -> list[dict]:
+    name = recipe.name if hasattr(recipe, "name") else load_recipe(recipe).name
     store = Store(root / "results.sqlite")
-    rows = store.runs(load_recipe(recipe_path).name)
+    rows = store.runs(name)
     assert len(rows) == nodes and len({r["node"] for r in rows}) == nodes  # no duplicate, none missing
     assert {r["status"] for r in rows} == {"complete"}, [(r["node"], r["status"], r["error"]) for r in rows]
-    with_metrics = {m["node"] for m in store.metrics(load_recipe(recipe_path).name)}
+    with_metrics = {m["node"] for m in store.metrics(name)}
     assert with_metrics == {r["node"] for r in rows}
     return rows
 
 
+def test_quick_recipe_grid_results_and_report_on_the_tiny_model(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    """The `quick` path end to end, fast: the shipped recipe (its groups, attacks and claims) on
+    the tiny model with two training steps, one seed, every node a real erase / evaluate /
+    attack run through the worker; then the results, the claims' verdicts and the report."""
+    import diffunlearn
+    from diffunlearn.bench import Recipe, expand, run_grid
+    from diffunlearn.bench.claims import FAILS, HOLDS, INCONCLUSIVE, evaluate_claims
+
+    data = load_recipe("quick").model_dump()
+    data["model"] = str(tiny_model_dir)
+    data["seeds"] = [0]
+    data["protocols"] = {"fast": [*TINY_EVAL, f"eval.evaluator=canvas:{tiny_evaluator_dir}"]}
+    for group in data["groups"]:
+        group["overrides"] += TINY_ERASE
+        for step in group["attacks"]:
+            step["overrides"] += ["attack.steps=2", "attack.eval_every=2", "attack.batch_size=2",
+                                  "attack.checkpoint_every=1"]
+    recipe = Recipe.model_validate(data)
+    root = tmp_path / "root"
+    nodes = expand(recipe, root)
+    assert sorted(n.kind for n in nodes) == ["attack"] * 2 + ["erase"] * 3 + ["evaluate"]
+    result = run_grid(nodes, InlineExecutor(), root, threads=1, report=lambda line: None)
+    assert result.ok and len(result.done) == len(nodes), result
+    _check_complete(root, recipe, len(nodes))
+
+    frame = diffunlearn.results(recipe, root)
+    attacks = frame["kind"] == "attack"
+    assert (frame["status"] == "complete").all() and frame.loc[~attacks, "UA"].notna().all()
+    assert frame.loc[attacks, "AR_DiMRA_top1"].notna().all()
+    erased = frame[frame["kind"] == "erase"].iloc[0]
+    assert erased["train_seconds"] > 0 and erased["erase_FID"] >= 0  # [003]'s paired figures of each erase run
+    verdicts = {c.claim.id: c.verdict for c in evaluate_claims(recipe, frame)}
+    assert set(verdicts) == {c.id for c in recipe.claims}
+    assert set(verdicts.values()) <= {HOLDS, FAILS, INCONCLUSIVE}  # one seed: data for every claim
+    html = diffunlearn.bench_report(recipe, tmp_path / "report.html", root).read_text()
+    assert all(claim_id in html for claim_id in verdicts) and 'class="verdict nodata"' not in html
+    assert html.count('class="verdict inconclusive"') >= len(verdicts)  # a verdict per claim (and slice) shown
+
+
+@pytest.mark.slow
 def test_killed_runner_then_rerun_finishes_without_duplicates(tmp_path, tiny_model_dir, tiny_evaluator_dir):
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1))
     root = tmp_path / "root"
@@ -81,6 +126,7 @@ def test_killed_runner_then_rerun_finishes_without_duplicates(tmp_path, tiny_mod
     assert len(rows) == 4
 
 
+@pytest.mark.slow
 def test_local_ray_cluster_runs_a_two_run_grid(tmp_path, tiny_model_dir, tiny_evaluator_dir):
     ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip install 'diffunlearn[ray]')")
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir)
@@ -94,6 +140,7 @@ def test_local_ray_cluster_runs_a_two_run_grid(tmp_path, tiny_model_dir, tiny_ev
     assert {r["kind"] for r in rows} == {"erase", "attack"}
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_runs_the_same_grid(tmp_path, tiny_model_dir, tiny_evaluator_dir, monkeypatch):
     pytest.importorskip("submitit", reason="the 'slurm' extra is not installed (pip install 'diffunlearn[slurm]')")
     monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
@@ -123,5 +170,5 @@ def test_quick_recipe_end_to_end(tmp_path):
     html = report.read_text()
     for claim in load_recipe("quick").claims:
         assert claim.id in html
-    assert "no data" not in html
+    assert 'class="verdict nodata"' not in html  # (the legend names `no data`; no verdict says it)
     print(f"quick: {time.time() - start:.0f} s")
