@@ -330,6 +330,172 @@ def demo(
     typer.echo(f"report: {report}")
 
 
+# ---- benchmark grids -------------------------------------------------------------------------
+
+RootOpt = Annotated[Path, typer.Option("--root", help="Results folder: results.sqlite and <recipe>/ run folders.")]
+
+
+ForgetSetOpt = Annotated[list[str] | None, typer.Option(
+    "--forget-set", help="NAME=C1,C2: the recipe's forget set NAME holds these concepts instead (repeatable; for a "
+                         "real model's concept set, with --concepts).")]
+
+
+def _bench_recipe(recipe: str, concepts: str | None, domain: str | None, anchor: str | None,
+                  forget_set: list[str] | None):
+    """The recipe, on the concept set the flags give (the recipe's `task:` block otherwise)."""
+    from diffunlearn.bench.recipe import load_recipe as load_bench_recipe
+    from diffunlearn.bench.recipe import with_concepts
+
+    loaded = guarded(lambda: load_bench_recipe(recipe))
+    sets: dict[str, list[str]] = {}
+    for text in forget_set or []:
+        name, sep, names = text.partition("=")
+        if not sep or not name.strip() or not split_names(names):
+            fail(f"--forget-set takes NAME=CONCEPT[,CONCEPT...], got '{text}'")
+        sets[name.strip()] = split_names(names) or []
+    if concepts is None and domain is None and anchor is None and not sets:
+        return loaded
+    return guarded(lambda: with_concepts(loaded, concepts, domain, anchor, sets))
+
+
+def _recipe_flags(model: Path | None, protocol: str, concepts: str | None, domain: str | None, anchor: str | None,
+                  forget_set: list[str] | None) -> str:
+    """The flags that select a recipe's runs, as the command that made them shows them."""
+    import shlex
+
+    flags = [("--model", model), ("--protocol", None if protocol == "fast" else protocol), ("--concepts", concepts),
+             ("--domain", domain), ("--anchor", anchor), *(("--forget-set", f) for f in forget_set or [])]
+    return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in flags if value is not None)
+
+
+def _bench_guarded(fn: Callable[[], T]) -> T:
+    from diffunlearn.bench.executors import MissingExtra
+
+    try:
+        return guarded(fn)
+    except MissingExtra as err:
+        fail(str(err))
+
+
+@app.command()
+def bench(
+    recipe: Annotated[str, typer.Argument(help="A shipped recipe (see `diffunlearn bench ls`), a YAML file, or 'ls'.")],
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Runs at once; default: one per core (max 8).")
+                    ] = None,
+    executor: Annotated[str, typer.Option(help="local | ray | slurm (the last two are optional extras).")] = "local",
+    address: Annotated[str | None, typer.Option(help="ray: cluster address (default: a local cluster).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads per run; default 1 when --jobs > 1.")] = None,
+    model: ModelOpt = None,
+    protocol: Annotated[str, typer.Option(help="Evaluation protocol of the recipe: fast (default) or full.")
+                        ] = "fast",
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds; default: the recipe's.")] = None,
+    groups: Annotated[str | None, typer.Option(help="Only these groups of the recipe, comma-separated.")] = None,
+    root: RootOpt = Path("runs/bench"),
+    retries: Annotated[int, typer.Option(help="Times a failed run is retried.")] = 1,
+    gpus_per_run: Annotated[float, typer.Option(help="ray/slurm: GPUs each run asks for.")] = 0.0,
+    cluster: Annotated[str | None, typer.Option(help="slurm: submitit cluster (slurm, local, debug); default: "
+                                                     "Slurm when available, else local.")] = None,
+    partition: Annotated[str | None, typer.Option(help="slurm: partition.")] = None,
+    concepts: ConceptsOpt = None,
+    domain: DomainOpt = None,
+    anchor: AnchorOpt = None,
+    forget_set: ForgetSetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and the estimated time; run nothing.")
+                       ] = False,
+) -> None:
+    """Run a benchmark recipe: expand it into erase/attack/evaluate runs, skip finished ones, resume
+    interrupted ones, run attacks after their erase runs, record everything in the results store.
+
+    `diffunlearn bench ls` lists the shipped recipes; `diffunlearn results RECIPE` prints the
+    leaderboard and the claims; `diffunlearn report RECIPE --out report.html` writes the report.
+    On a real model (`--model`), name its concept set with --concepts (or --domain for free text)
+    and each forget set's concepts with --forget-set; give the same flags to `results` and `report`.
+    """
+    from diffunlearn.bench import default_jobs, expand, load_recipe, run_bench, shipped_recipes
+
+    if recipe == "ls":
+        for name in shipped_recipes():
+            r = guarded(lambda name=name: load_recipe(name))
+            first = r.description.split(". ")[0].split(": ")[0]
+            typer.echo(f"{name:12s} {r.estimate.runs:4d} runs  ~{r.estimate.minutes:4.0f} min  {r.paper}: "
+                       f"{first[:90]}")
+        return
+    loaded = _bench_recipe(recipe, concepts, domain, anchor, forget_set)
+    seed_list = [int(s) for s in split_names(seeds)] if seeds else None
+    group_list = split_names(groups)
+    if executor not in ("local", "ray", "slurm"):
+        fail(f"unknown executor '{executor}'; valid: local, ray, slurm")
+    if dry_run:
+        nodes = guarded(lambda: expand(loaded, root, model=model, protocol=protocol, seeds=seed_list,
+                                       groups=group_list))
+        for n in nodes:
+            typer.echo(f"{n.kind:8s} {n.node}  ~{n.est_seconds:.0f} s  {n.out}")
+        n_jobs = jobs or default_jobs()
+        total = sum(n.est_seconds for n in nodes)
+        typer.echo(f"{len(nodes)} runs, ~{total / 60 / n_jobs:.0f} min with {n_jobs} jobs (cold caches; "
+                   "finished runs are skipped)")
+        return
+    result = _bench_guarded(lambda: run_bench(loaded, jobs=jobs, executor=executor, root=root, model=model,
+                                              protocol=protocol, seeds=seed_list, groups=group_list,
+                                              threads=threads, retries=retries, address=address,
+                                              gpus_per_run=gpus_per_run, cluster=cluster, partition=partition))
+    typer.echo(f"{loaded.name}: {len(result.done)} run, {len(result.skipped)} already done, "
+               f"{len(result.failed)} failed, {len(result.blocked)} blocked by a failed run "
+               f"({result.seconds / 60:.1f} min); `diffunlearn results {loaded.name}` for the leaderboard")
+    if result.failed:
+        typer.echo("failed: " + ", ".join(result.failed) + f" (logs in {root / loaded.name / 'logs'})", err=True)
+    if result.diverged:
+        typer.echo("diverged (NaN/inf; not retried: change the settings, e.g. a lower method.lr): "
+                   + ", ".join(result.diverged), err=True)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def results(
+    recipe: Annotated[str, typer.Argument(help="A shipped recipe or a YAML file.")],
+    root: RootOpt = Path("runs/bench"),
+    model: ModelOpt = None,
+    protocol: Annotated[str, typer.Option(help="The protocol the recipe ran with.")] = "fast",
+    csv: Annotated[Path | None, typer.Option(help="Also write one row per run (all metrics) to this CSV.")] = None,
+    concepts: ConceptsOpt = None,
+    domain: DomainOpt = None,
+    anchor: AnchorOpt = None,
+    forget_set: ForgetSetOpt = None,
+) -> None:
+    """Print a recipe's leaderboard (means with 95% t-intervals over seeds) and its claims' verdicts."""
+    from diffunlearn.bench.results import results as frame_of
+    from diffunlearn.bench.results import summary_text
+
+    loaded = _bench_recipe(recipe, concepts, domain, anchor, forget_set)
+    frame = guarded(lambda: frame_of(loaded, root, model=model, protocol=protocol))
+    typer.echo(summary_text(loaded, frame))
+    if csv:
+        frame.to_csv(csv, index=False)
+        typer.echo(f"runs written to {csv}")
+
+
+@app.command()
+def report(
+    recipe: Annotated[str, typer.Argument(help="A shipped recipe or a YAML file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
+    root: RootOpt = Path("runs/bench"),
+    model: ModelOpt = None,
+    protocol: Annotated[str, typer.Option(help="The protocol the recipe ran with.")] = "fast",
+    concepts: ConceptsOpt = None,
+    domain: DomainOpt = None,
+    anchor: AnchorOpt = None,
+    forget_set: ForgetSetOpt = None,
+) -> None:
+    """Write a recipe's report: one self-contained HTML file (claims, leaderboard, plots, samples)."""
+    from diffunlearn.bench import bench_report
+
+    loaded = _bench_recipe(recipe, concepts, domain, anchor, forget_set)
+    command = f"diffunlearn bench {recipe}" + _recipe_flags(model, protocol, concepts, domain, anchor, forget_set)
+    path = guarded(lambda: bench_report(loaded, out, root, model=model, protocol=protocol, command=command))
+    typer.echo(f"report: {path}")
+
+
 def load_recipe(model_cls, default_name: str, config: Path | None, overrides: list[str] | None):
     """A pretraining recipe: the committed YAML (or --config) with key=value overrides, validated."""
     from diffunlearn.config import CONFIG_DIR, apply_overrides, build, load_yaml

@@ -24,6 +24,7 @@ Three ways to get a set, all validated before torch loads:
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -209,8 +210,7 @@ class ConceptSet:
     def builtin(cls, name: str) -> ConceptSet:
         if name not in BUILTIN_SETS:
             raise ConceptSetError(f"unknown concept set '{name}'; built-in sets: {', '.join(BUILTIN_SETS)}")
-        spec = build(ConceptSetFile, load_yaml(SETS_DIR / f"{name}.yaml"), "concepts.")
-        return cls.from_spec(spec, source=f"builtin:{name}")
+        return cls.from_spec(_builtin_spec(name).model_copy(deep=True), source=f"builtin:{name}")
 
     @classmethod
     def free_text(cls, forget: list[str], retain: list[str] | None = None, domain: str = "concept",
@@ -354,6 +354,13 @@ class ConceptSet:
         """A JSON-able summary for config.yaml and `diffunlearn ls concepts`."""
         return {"name": self.name, "source": self.source, "fingerprint": self.fingerprint(),
                 "images": self.images.source, "domains": {n: d.erasable for n, d in self.domains.items()}}
+
+
+@functools.cache
+def _builtin_spec(name: str) -> ConceptSetFile:
+    """A shipped set's parsed file, read once per process (a grid resolves it for every run);
+    `from_spec` builds a fresh ConceptSet from it each time, so callers may change theirs."""
+    return build(ConceptSetFile, load_yaml(SETS_DIR / f"{name}.yaml"), "concepts.")
 
 
 def _concept(entry: str | ConceptEntry, domain: str) -> Concept:

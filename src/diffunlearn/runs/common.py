@@ -35,7 +35,7 @@ from diffunlearn.backends.model_dir import ModelDirError, read_safetensors_heade
 from diffunlearn.config import ConfigError, load_yaml, shown
 from diffunlearn.engine.errors import TrainingDiverged
 from diffunlearn.io import atomic_write_json, atomic_write_text, dump_json
-from diffunlearn.runs.resolve import RunDirError, read_marker
+from diffunlearn.runs.resolve import RunDirBusy, RunDirError, read_marker
 
 log = logging.getLogger("diffunlearn")
 
@@ -119,7 +119,7 @@ def inspect_run_dir(out: Path, run_id: str, kind: str, probe_lock: bool = True) 
         raise RunDirError(f"output path {shown(str(out), 120)} exists and is not a directory; choose another --out")
     holder = lock_holder(out) if probe_lock else None
     if holder is not None:
-        raise RunDirError(busy_message(out, holder))
+        raise RunDirBusy(busy_message(out, holder))
     marker = out / MARKER
     if not marker.exists():
         try:
@@ -266,7 +266,7 @@ class RunLock:
             except BlockingIOError:
                 if attempt == LOCK_RETRIES - 1:
                     os.close(fd)
-                    raise RunDirError(busy_message(folder, read_holder(folder))) from None
+                    raise RunDirBusy(busy_message(folder, read_holder(folder))) from None
                 time.sleep(0.02)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "command": " ".join(["diffunlearn", *sys.argv[1:]])[:200]}

@@ -80,6 +80,7 @@ def _execute_erase(resolved: ResolvedRun, loaded: _Loaded, out: Path, progress: 
 
     from diffunlearn.engine.loop import check_finite_weights, run_loop, write_curves
     from diffunlearn.metrics.diagnostics import DistanceTracker, weight_distance
+    from diffunlearn.metrics.paired import paired_metrics
 
     model, task, method, steps, judging = loaded.model, loaded.task, loaded.method, loaded.steps, loaded.judging
     t = resolved.task
@@ -136,6 +137,7 @@ def _execute_erase(resolved: ResolvedRun, loaded: _Loaded, out: Path, progress: 
     if judging is not None:
         after = _evaluate(model, judging, task, resolved, alternatives, before, progress)
         metrics["before"], metrics["after"] = before.metrics, after.metrics
+        metrics["paired"] = paired_metrics(before, after, judging.fid_feature)
         save_samples(out / "samples.png", before, after)
         if after.metrics.get("not_computed"):
             log.info("%s", after.metrics["not_computed"])

@@ -17,7 +17,7 @@ from diffunlearn.runs.common import (
     set_threads,
     write_json,
 )
-from diffunlearn.runs.resolve import RunDirError, check_threads
+from diffunlearn.runs.resolve import RunDirBusy, RunDirError, check_threads
 
 RESULT = "evaluation.json"
 
@@ -100,6 +100,6 @@ def inspect_evaluation_dir(out: Path) -> None:
         raise RunDirError(f"output path {shown(str(out), 120)} exists and is not a directory; choose another --out")
     holder = lock_holder(out)
     if holder is not None:
-        raise RunDirError(busy_message(out, holder))
+        raise RunDirBusy(busy_message(out, holder))
     if any(p.name != RESULT and not is_scaffolding(p.name) for p in out.iterdir()):
         raise RunDirError(f"output directory {shown(str(out), 120)} is not empty; choose another --out")

@@ -11,6 +11,7 @@ one resumes.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -57,6 +58,11 @@ class RunDirError(ValueError):
     """The output directory holds something we must not overwrite, or is in use."""
 
 
+class RunDirBusy(RunDirError):
+    """The output directory is in use: another process holds its lock (a grid runner waits and
+    comes back; a command exits 2 like for any other RunDirError)."""
+
+
 def check_threads(threads: int | None) -> None:
     """`--threads`: None (torch's default) or a positive count; checked before anything loads."""
     if threads is None:
@@ -67,6 +73,12 @@ def check_threads(threads: int | None) -> None:
 
 
 def package_versions() -> dict[str, str]:
+    """The versions a run id pins (a copy: callers may keep it in their configs)."""
+    return dict(_package_versions())
+
+
+@functools.cache
+def _package_versions() -> dict[str, str]:
     out = {}
     for name in ("diffunlearn", "torch", "diffusers", "transformers"):
         try:

@@ -1,0 +1,308 @@
+"""Verdicts on a recipe's claims, computed from the results, never written by hand.
+
+Every figure is summarised over seeds as a mean with a two-sided 95% Student-t interval,
+mean +/- t(0.975, n-1) * s / sqrt(n) (s: the sample standard deviation). A seedless control
+(the original model, evaluated once: its evaluation is deterministic) is an exact point; any
+other figure seen once has no interval, and every comparison with it is inconclusive.
+
+Claim kinds (`recipe.Claim`); a comparison of A over B, on the rows a selection picks:
+- `greater` / `less`: subject vs other. Holds when the intervals separate in the claimed
+  direction (A.lo > B.hi), fails when they separate the other way or coincide as exact points
+  (A.hi <= B.lo), is inconclusive when they overlap.
+- `best` / `worst`: subject vs each value of `by` among `among` (the subject's own excluded):
+  holds when it holds against every one, fails when it fails against any, else inconclusive.
+- `at_least` / `at_most`: subject vs the constant `value`: holds when the whole interval is on
+  the claimed side (lo >= value), fails when it is wholly on the other (hi < value).
+- `rises` / `falls`: the change from `other` (matched by seed) or from `from_metric` (same
+  runs) to the subject: the t-interval of the per-seed differences; holds when it is above 0,
+  fails when it is at or below 0 (no rise), else inconclusive.
+- `same`: a finding of no effect, tested as equivalence within a margin: the interval of the
+  same per-seed change lies within [-value, value] (holds), wholly outside it (fails), or
+  across its edge (inconclusive).
+`per` splits the claim into one verdict per value of those columns; the claim holds when
+every slice holds, fails when any slice fails, else is inconclusive. A slice without runs
+yet says `no data`. All rows a selection picks in a slice are pooled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from diffunlearn.bench.recipe import SELECTION_COLUMNS, Claim, Recipe, Selection
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+HOLDS, FAILS, INCONCLUSIVE, NO_DATA = "holds", "fails", "inconclusive", "no data"
+
+# two-sided 95% quantiles of Student's t, t(0.975, df)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_quantile(df: int) -> float:
+    """t(0.975, df): the table up to 30, then the Cornish-Fisher expansion z + (z^3 + z) / (4 df)."""
+    if df < 1:
+        raise ValueError("df must be >= 1")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean and 95% t-interval of `n` values; lo/hi None when there is no interval (one value)."""
+
+    mean: float
+    lo: float | None
+    hi: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float], exact: bool = False) -> Interval:
+        xs = [float(v) for v in values]
+        if not xs:
+            raise ValueError("no values")
+        n, mean = len(xs), sum(xs) / len(xs)
+        if n == 1:
+            return cls(mean, mean, mean, 1) if exact else cls(mean, None, None, 1)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+        half = t_quantile(n - 1) * sd / math.sqrt(n)
+        return cls(mean, mean - half, mean + half, n)
+
+    @property
+    def known(self) -> bool:
+        return self.lo is not None
+
+    def text(self) -> str:
+        """'98.3 [96.1, 100.5] (n=3)'; a seedless control is 'exact', a single value has no interval."""
+        if not self.known:
+            return f"{self.mean:.4g} (n={self.n}, no interval)"
+        if self.n == 1:
+            return f"{self.mean:.4g} (n=1, exact)"
+        return f"{self.mean:.4g} [{self.lo:.4g}, {self.hi:.4g}] (n={self.n})"
+
+
+def above(a: Interval, b: Interval) -> str:
+    """Is A greater than B? holds / fails / inconclusive, by separation of the intervals."""
+    if not (a.known and b.known):
+        return INCONCLUSIVE
+    if a.lo > b.hi:
+        return HOLDS
+    if a.hi <= b.lo:
+        return FAILS
+    return INCONCLUSIVE
+
+
+def combine(verdicts: list[str]) -> str:
+    """Every part holds -> holds; any part fails -> fails; else inconclusive (no data if nothing)."""
+    real = [v for v in verdicts if v != NO_DATA]
+    if not real:
+        return NO_DATA
+    if any(v == FAILS for v in real):
+        return FAILS
+    if len(real) == len(verdicts) and all(v == HOLDS for v in real):
+        return HOLDS
+    return INCONCLUSIVE
+
+
+@dataclass
+class SliceResult:
+    key: dict[str, str]
+    verdict: str
+    numbers: str
+
+
+@dataclass
+class ClaimResult:
+    claim: Claim
+    verdict: str
+    slices: list[SliceResult] = field(default_factory=list)
+
+    @property
+    def comparison(self) -> str:
+        return describe(self.claim)
+
+
+def describe(claim: Claim) -> str:
+    """The comparison a claim makes, in one line (e.g. `Total(method=core) > Total(others by method)`)."""
+
+    def sel(s: Selection | None) -> str:
+        if s is None:
+            return ""
+        parts = [f"{c}={'|'.join(s.values(c))}" for c in SELECTION_COLUMNS if s.values(c)]
+        return ", ".join(parts) or "all"
+
+    m, subject = claim.metric, sel(claim.subject)
+    text = {
+        "greater": f"{m}({subject}) > {m}({sel(claim.other)})",
+        "less": f"{m}({subject}) < {m}({sel(claim.other)})",
+        "best": f"{m}({subject}) > {m} of every other {claim.by} in ({sel(claim.among)})",
+        "worst": f"{m}({subject}) < {m} of every other {claim.by} in ({sel(claim.among)})",
+        "at_least": f"{m}({subject}) >= {claim.value:g}" if claim.value is not None else "",
+        "at_most": f"{m}({subject}) <= {claim.value:g}" if claim.value is not None else "",
+    }.get(claim.kind)
+    if text is None:  # rises / falls / same
+        start = f"{claim.from_metric}({subject})" if claim.from_metric else f"{m}({sel(claim.other)})"
+        test = {"rises": "> 0", "falls": "< 0"}.get(claim.kind) or f"within +/-{claim.value:g}"
+        text = f"{m}({subject}) - {start} {test} (paired by seed)"
+    return text + (f", per {', '.join(claim.per)}" if claim.per else "")
+
+
+# ---- evaluation over a results frame -----------------------------------------------------------
+
+def select(frame: pd.DataFrame, selection: Selection | None, fixed: dict[str, str] | None = None) -> pd.DataFrame:
+    """Rows matching a selection (attack defaults to 'none': erase runs), and the slice values
+    `fixed` for the columns the selection leaves open."""
+    if selection is None:
+        return frame.iloc[0:0]
+    mask = frame["status"] == "complete"
+    for column in SELECTION_COLUMNS:
+        values = selection.values(column)
+        if values is None and column == "attack":
+            values = ["none"]
+        if values is None and fixed and column in fixed:
+            values = [fixed[column]]
+        if values is not None:
+            mask &= frame[column].isin(values)
+    return frame[mask]
+
+
+def interval(rows: pd.DataFrame, metric: str) -> Interval | None:
+    if metric not in rows.columns:
+        return None
+    values = rows[metric].dropna()
+    if values.empty:
+        return None
+    seedless = bool(rows.loc[values.index, "seed"].isna().all())
+    return Interval.of(values.tolist(), exact=seedless)
+
+
+def _label(rows: pd.DataFrame, selection: Selection) -> str:
+    picked = [f"{'|'.join(selection.values(c))}" for c in ("method", "variant", "attack") if selection.values(c)]
+    return "/".join(picked) or "subject"
+
+
+def evaluate_claim(claim: Claim, frame: pd.DataFrame) -> ClaimResult:
+    subject_rows = select(frame, claim.subject)
+    if claim.per:
+        keys = subject_rows[claim.per].drop_duplicates().to_dict("records") if not subject_rows.empty else []
+    else:
+        keys = [{}]
+    if not keys:
+        return ClaimResult(claim, NO_DATA, [SliceResult({}, NO_DATA, "no finished runs yet")])
+    slices = [_evaluate_slice(claim, frame, {k: str(v) for k, v in key.items()}) for key in keys]
+    return ClaimResult(claim, combine([s.verdict for s in slices]), slices)
+
+
+def _evaluate_slice(claim: Claim, frame: pd.DataFrame, key: dict[str, str]) -> SliceResult:
+    m = claim.metric
+    subject_rows = select(frame, claim.subject, key)
+    subject = interval(subject_rows, m)
+    if subject is None:
+        return SliceResult(key, NO_DATA, f"no {m} for the subject yet")
+    name = _label(subject_rows, claim.subject)
+    if claim.kind in ("greater", "less"):
+        other_rows = select(frame, claim.other, key)
+        other = interval(other_rows, m)
+        if other is None:
+            return SliceResult(key, NO_DATA, f"no {m} for the other side yet")
+        verdict = above(subject, other) if claim.kind == "greater" else above(other, subject)
+        return SliceResult(key, verdict, f"{m}: {name} {subject.text()} vs {_label(other_rows, claim.other)} "
+                                         f"{other.text()}")
+    if claim.kind in ("best", "worst"):
+        return _best(claim, frame, key, subject, name)
+    if claim.kind in ("at_least", "at_most"):
+        value = float(claim.value)
+        point = Interval(value, value, value, 1)
+        verdict = above_or_equal(subject, point) if claim.kind == "at_least" else above_or_equal(point, subject)
+        sign = ">=" if claim.kind == "at_least" else "<="
+        return SliceResult(key, verdict, f"{m}: {name} {subject.text()} {sign} {value:g}?")
+    return _change(claim, frame, key, subject_rows, name)
+
+
+def above_or_equal(a: Interval, b: Interval) -> str:
+    """Is A at least B? holds when A.lo >= B.hi, fails when A.hi < B.lo."""
+    if not (a.known and b.known):
+        return INCONCLUSIVE
+    if a.lo >= b.hi:
+        return HOLDS
+    if a.hi < b.lo:
+        return FAILS
+    return INCONCLUSIVE
+
+
+def within(change: Interval, margin: float) -> str:
+    """Equivalence: the interval inside [-margin, margin] holds, wholly outside fails."""
+    if not change.known:
+        return INCONCLUSIVE
+    if -margin <= change.lo and change.hi <= margin:
+        return HOLDS
+    if change.lo > margin or change.hi < -margin:
+        return FAILS
+    return INCONCLUSIVE
+
+
+def _best(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject: Interval, name: str) -> SliceResult:
+    m, by = claim.metric, claim.by
+    among = select(frame, claim.among, key)
+    own = set(claim.subject.values(by) or select(frame, claim.subject, key)[by].unique().tolist())
+    verdicts, parts = [], [f"{m}: {name} {subject.text()}"]
+    for value, rows in among.groupby(by, sort=True):
+        if value in own:
+            continue
+        other = interval(rows, m)
+        if other is None:
+            continue
+        verdict = above(subject, other) if claim.kind == "best" else above(other, subject)
+        verdicts.append(verdict)
+        parts.append(f"{value} {other.text()}{'' if verdict == HOLDS else f' ({verdict})'}")
+    if not verdicts:
+        return SliceResult(key, NO_DATA, f"no competitor with {m} yet")
+    return SliceResult(key, combine(verdicts), "; ".join(parts))
+
+
+def _change(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject_rows: pd.DataFrame,
+            name: str) -> SliceResult:
+    m = claim.metric
+    if claim.from_metric:
+        start_label = claim.from_metric
+        pairs = subject_rows[["seed", m, claim.from_metric]].dropna(subset=[m, claim.from_metric])
+        differences = (pairs[m] - pairs[claim.from_metric]).tolist()
+        seedless = bool(pairs["seed"].isna().all()) if not pairs.empty else False
+    else:
+        other_rows = select(frame, claim.other, key)
+        start_label = f"{m} of {_label(other_rows, claim.other)}"
+        differences, seedless = _paired(subject_rows, other_rows, m)
+    if not differences:
+        return SliceResult(key, NO_DATA, f"no pairs of {m} and {start_label} yet")
+    change = Interval.of(differences, exact=seedless)
+    zero = Interval(0.0, 0.0, 0.0, 1)
+    if claim.kind == "same":
+        verdict = within(change, float(claim.value))
+    else:
+        verdict = above(change, zero) if claim.kind == "rises" else above(zero, change)
+    return SliceResult(key, verdict, f"{m} - {start_label} on {name}: {change.text()}")
+
+
+def _paired(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> tuple[list[float], bool]:
+    """Per-seed differences a - b; a seedless b (a control) pairs with every seed of a."""
+    a = a[["seed", metric]].dropna(subset=[metric])
+    b = b[["seed", metric]].dropna(subset=[metric])
+    if a.empty or b.empty:
+        return [], False
+    if b["seed"].isna().all():
+        base = float(b[metric].mean())
+        return [float(v) - base for v in a[metric]], bool(a["seed"].isna().all())
+    by_seed = b.groupby("seed")[metric].mean()
+    out = [float(v) - float(by_seed[s]) for s, v in zip(a["seed"], a[metric], strict=True) if s in by_seed.index]
+    return out, False
+
+
+def evaluate_claims(recipe: Recipe, frame: pd.DataFrame) -> list[ClaimResult]:
+    return [evaluate_claim(claim, frame) for claim in recipe.claims]

@@ -1,0 +1,445 @@
+"""A recipe expanded into grid nodes (torch-free), and the runner that executes them in order.
+
+Expansion: each group gives one erase node per method x forget set x variant x seed (its run
+id resolved by `runs/resolve.py`, so a finished run is recognised and skipped), one evaluate
+node per forget set for the `original` control (seedless: its evaluation is deterministic),
+and one attack node per attack step on each of them, which depends on its erase node.
+Node ids are labels (`group/variant/method/forget/s<seed>[/attack]`); run directories are
+derived from the recipe and the run id (`<root>/<recipe>/runs/<method>-<run id>`, attacks in
+`<erase run>/attacks/<attack>-<key>`), so two nodes with the same resolved config share one
+directory and run it once (the worker's lock serialises them; the second finds it done).
+
+The runner registers the nodes in the store, skips those recorded complete with the same
+spec, and hands ready nodes (dependencies done) to an executor (`bench/executors.py`) at most
+`jobs` at a time, retrying failures, until every node is done, failed or blocked by a failed
+dependency. A diverged run (NaN/inf; its `run.json` says `diverged`) counts as failed and is
+never retried, in this session or the next (the same settings diverge again); a node whose
+lock or run directory another process holds is handed back 30 s later. A progress line shows
+done / running / failed and the time left.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffunlearn.bench.recipe import CONCEPT_SET_KEYS, ORIGINAL, Group, Recipe
+from diffunlearn.config import ConfigError, config_hash, parse_override
+
+ERASE_SECTIONS = ("method", "task", "eval", "seed")
+ATTACK_SECTIONS = ("attack", "eval", "seed")
+EVALUATE_SECTIONS = ("eval",)
+DEFAULT_ROOT = Path("runs/bench")
+BUSY_RETRY_SECONDS = 30.0
+
+
+def sections_for(overrides: list[str], sections: tuple[str, ...]) -> list[str]:
+    """The overrides whose top-level section a run kind accepts (shared recipe overrides)."""
+    return [o for o in overrides if parse_override(o)[0][0] in sections]
+
+
+def check_overrides(overrides: list[str], allowed: tuple[str, ...], where: str, recipe_wide: bool = False) -> None:
+    """Each override's section is one these runs take; the concept set is the recipe's `task:`
+    block, never an override (the control, the attacks and the claims compare runs of one set)."""
+    set_keys = (*CONCEPT_SET_KEYS, "task.anchor") if recipe_wide else CONCEPT_SET_KEYS
+    for text in overrides:
+        keys = parse_override(text)[0]
+        section = keys[0]
+        if section not in allowed:
+            raise ConfigError(f"{where}: override '{text}' sets '{section}', which these runs do not take "
+                              f"(allowed: {', '.join(allowed)})")
+        if ".".join(keys[:2]) in set_keys:
+            raise ConfigError(f"{where}: override '{text}' sets the concept set, which is the recipe's `task:` block "
+                              f"(task: {{{keys[1]}: ...}}) or --{keys[1]} on the command line")
+
+
+@dataclass
+class Node:
+    """One run of the grid; `spec()` is what the worker receives."""
+
+    recipe: str
+    node: str
+    kind: str  # erase | attack | evaluate
+    group: str
+    variant: str
+    method: str
+    forget: str
+    concepts: list[str]
+    seed: int | None
+    overrides: list[str]
+    out: Path
+    model: str | None
+    run_id: str | None = None
+    attack: str = "none"
+    attack_name: str | None = None
+    depends: str | None = None
+    attack_model: str | None = None
+    attack_forget: list[str] | None = None
+    est_seconds: float = 0.0
+    registered: str | None = None  # the registered method behind the label `method`
+    task_options: dict[str, str] = field(default_factory=dict)  # the recipe's concept set (TaskKeys)
+
+    @property
+    def spec_hash(self) -> str:
+        """What makes this node's result: its directory (the run id), its overrides and concept set."""
+        data: dict[str, Any] = {"out": str(self.out), "overrides": self.overrides, "kind": self.kind}
+        if self.task_options:
+            data["task"] = self.task_options
+        return config_hash(data)
+
+    def spec(self, root: Path, threads: int | None, extra: dict[str, Any]) -> dict[str, Any]:
+        return {"recipe": self.recipe, "node": self.node, "spec": self.spec_hash, "kind": self.kind,
+                "grp": self.group, "variant": self.variant, "method": self.method, "attack": self.attack,
+                "attack_name": self.attack_name, "forget": self.forget, "concepts": self.concepts,
+                "seed": self.seed, "depends": self.depends, "run_id": self.run_id, "out": str(self.out.resolve()),
+                "model": self.model, "overrides": self.overrides, "attack_model": self.attack_model,
+                "attack_forget": self.attack_forget, "threads": threads, "est_seconds": self.est_seconds,
+                "method_name": self.registered or self.method, "task_options": self.task_options,
+                "store": str((root / "results.sqlite").resolve()),
+                "records": str((root / self.recipe / "records").resolve()), **extra}
+
+
+# ---- expansion ---------------------------------------------------------------------------------
+
+def expand(recipe: Recipe, root: str | Path = DEFAULT_ROOT, model: str | Path | None = None,
+           protocol: str = "fast", seeds: list[int] | None = None, groups: list[str] | None = None) -> list[Node]:
+    """Every node of the recipe, dependencies first. Resolves (validates) every run as its
+    command would: each forget set against the recipe's concept set, each erase run with
+    `resolve_erase`, each attack with `resolve_attack` (on the original model, since the erase
+    run it attacks does not exist yet). Raises ConfigError / TaskError / UnknownNameError /
+    ModelDirError with one line. Imports no torch."""
+    from diffunlearn.backends.model_dir import check_model_dir, model_content_hash
+    from diffunlearn.bench.costs import Costs
+    from diffunlearn.runs.resolve import model_folder, package_versions
+
+    if protocol not in recipe.protocols:
+        raise ConfigError(f"unknown protocol '{protocol}'; recipe {recipe.name} defines: "
+                          f"{', '.join(recipe.protocols)}")
+    if groups:
+        unknown = [g for g in groups if g not in {x.id for x in recipe.groups}]
+        if unknown:
+            raise ConfigError(f"unknown group '{unknown[0]}'; recipe {recipe.name} has: "
+                              f"{', '.join(g.id for g in recipe.groups)}")
+    root = Path(root)
+    model_value = str(model) if model else recipe.model
+    model_dir = model_folder(model_value)
+    meta = check_model_dir(model_dir)
+    context = _Context(recipe, root, model_value, model_dir, model_content_hash(model_dir), package_versions(),
+                       [*recipe.protocols[protocol], *recipe.overrides], seeds, Costs.load(), recipe.task.options())
+    check_overrides(recipe.overrides, ("method", "task", "eval", "seed", "attack"), f"recipe {recipe.name}",
+                    recipe_wide=True)
+    used = [g for g in recipe.groups if not groups or g.id in groups]
+    for name in dict.fromkeys(f for g in used for f in g.forget):
+        context.concept_sets[name] = _check_forget_set(recipe, name, model_dir, meta, context.task_options)
+    nodes: list[Node] = []
+    seen: set[str] = set()
+    directories: set[Path] = set()
+    for group in used:
+        for node in _group_nodes(context, group):
+            if node.node in seen:
+                raise ConfigError(f"recipe {recipe.name}: node {node.node} appears twice")
+            seen.add(node.node)
+            if node.out in directories:  # the same run under a second label: it finds the run done
+                node.est_seconds = context.costs.startup
+            directories.add(node.out)
+            nodes.append(node)
+    return nodes
+
+
+@dataclass
+class _Context:
+    """What every node of one expansion shares."""
+
+    recipe: Recipe
+    root: Path
+    model: str | None  # as given (None: the testbed), passed on to the runs
+    model_dir: Path
+    model_hash: str
+    versions: dict[str, str]
+    base: list[str]  # the protocol's and the recipe's overrides
+    seeds: list[int] | None
+    costs: Any
+    task_options: dict[str, str]
+    concept_sets: dict[str, Any] = field(default_factory=dict)  # per forget set: its resolved concept set
+    checked_attacks: set[str] = field(default_factory=set)
+
+
+def _check_forget_set(recipe: Recipe, name: str, model_dir: Path, meta: dict, task_options: dict[str, str]):
+    """The forget set's concepts are concepts of the recipe's set on this model (canvas names on
+    the testbed; a real model's set comes from task.concepts / --concepts, or is free text)."""
+    from diffunlearn.config import TaskConfig, build
+    from diffunlearn.runs.resolve import resolve_task_concepts
+
+    try:
+        task = build(TaskConfig, {**task_options, "forget": list(recipe.forget_sets[name])}, "task.")
+        return resolve_task_concepts(task, model_dir, meta)
+    except ConfigError as err:
+        raise ConfigError(f"recipe {recipe.name}, forget set '{name}': {err}") from None
+
+
+def _group_nodes(ctx: _Context, group: Group) -> list[Node]:
+    from diffunlearn.runs.resolve import resolve_erase
+
+    recipe, base, costs = ctx.recipe, ctx.base, ctx.costs
+    out_root = ctx.root / recipe.name / "runs"
+    where = f"recipe {recipe.name}, group {group.id}"
+    check_overrides(group.overrides, ("method", "task", "eval"), where)
+    for step in group.attacks:
+        check_overrides(step.overrides, ("attack", "eval"), f"{where}, attack {step.id}")
+    nodes: list[Node] = []
+    run_seeds = ctx.seeds or group.seeds or recipe.seeds
+    for forget in group.forget:
+        concepts = recipe.forget_sets[forget]
+        for variant in group.variants:
+            for method, registered, entry_overrides in group.entries():
+                variant_overrides = [*entry_overrides, *group.variant_overrides(variant, method)]
+                check_overrides(variant_overrides, ("method", "task", "eval"), f"{where}, variant {variant}")
+                if method == ORIGINAL:
+                    eval_overrides = sections_for([*base, *group.overrides, *variant_overrides], EVALUATE_SECTIONS)
+                    identity: dict[str, Any] = {"model": ctx.model_hash, "forget": concepts, "eval": eval_overrides,
+                                                "versions": ctx.versions}
+                    if ctx.task_options:
+                        identity["task"] = ctx.task_options
+                    key = config_hash(identity)
+                    control = Node(recipe.name, f"{group.id}/{variant}/{ORIGINAL}/{forget}", "evaluate", group.id,
+                                   variant, ORIGINAL, forget, list(concepts), None, eval_overrides,
+                                   out_root / f"{ORIGINAL}-{key}", ctx.model, run_id=key,
+                                   est_seconds=costs.evaluate_seconds(eval_overrides, ctx.concept_sets[forget],
+                                                                      list(concepts)),
+                                   task_options=dict(ctx.task_options))
+                    nodes.append(control)
+                    for seed in run_seeds:
+                        nodes += _attacks(ctx, group, control, seed, attack_forget=list(concepts),
+                                          attack_model=ctx.model)
+                    continue
+                for seed in [None] if group.seedless else run_seeds:
+                    overrides = [*sections_for(base, ERASE_SECTIONS), *group.overrides, *variant_overrides]
+                    overrides += [] if seed is None else [f"seed={seed}"]
+                    try:
+                        resolved = resolve_erase(registered, list(concepts), None, ctx.model, None, overrides,
+                                                 ctx.task_options)
+                    except ConfigError as err:
+                        raise ConfigError(f"{where}, {method} on '{forget}' ({variant}): {err}") from None
+                    label = f"{group.id}/{variant}/{method}/{forget}" + ("" if seed is None else f"/s{seed}")
+                    erase = Node(recipe.name, label, "erase", group.id, variant, method, forget, list(concepts), seed,
+                                 overrides, out_root / f"{registered}-{resolved.run_id}", ctx.model,
+                                 run_id=resolved.run_id, est_seconds=costs.erase_seconds(resolved),
+                                 registered=registered, task_options=dict(ctx.task_options))
+                    nodes.append(erase)
+                    for attack_seed in run_seeds if seed is None else [seed]:
+                        nodes += _attacks(ctx, group, erase, attack_seed, attack_forget=None)
+    return nodes
+
+
+def _attacks(ctx: _Context, group: Group, parent: Node, seed: int, attack_forget: list[str] | None = None,
+             attack_model: str | None = None) -> list[Node]:
+    out = []
+    for step in group.attacks:
+        if step.methods is not None and parent.method not in step.methods:
+            continue
+        if step.variants is not None and parent.variant not in step.variants:
+            continue
+        overrides = [*sections_for(ctx.base, ATTACK_SECTIONS), *step.overrides, f"seed={seed}"]
+        _check_attack(ctx, step.attack, overrides, parent.concepts,
+                      f"recipe {ctx.recipe.name}, group {group.id}, attack {step.id}")
+        identity: dict[str, Any] = {"parent": parent.run_id, "attack": step.attack, "overrides": overrides,
+                                    "forget": attack_forget}
+        if ctx.task_options:
+            identity["task"] = ctx.task_options
+        key = config_hash(identity)
+        node_id = f"{parent.node}/{step.id}" if parent.seed is not None else f"{parent.node}/s{seed}/{step.id}"
+        out.append(Node(ctx.recipe.name, node_id, "attack", group.id, parent.variant, parent.method, parent.forget,
+                        parent.concepts, seed, overrides, parent.out / "attacks" / f"{step.attack}-{key}",
+                        parent.model, attack=step.id, attack_name=step.attack, depends=parent.node,
+                        attack_model=str(parent.out.resolve()) if parent.kind == "erase" else attack_model,
+                        attack_forget=attack_forget, est_seconds=ctx.costs.attack_seconds(
+                            step.attack, overrides, ctx.concept_sets[parent.forget], list(parent.concepts)),
+                        task_options=dict(ctx.task_options)))
+    return out
+
+
+def _check_attack(ctx: _Context, name: str, overrides: list[str], concepts: list[str], where: str) -> None:
+    """An attack step resolved as its command would resolve it, on the original model (the
+    erase run it attacks does not exist yet): every attack.*, eval.* and task key accepted.
+    Once per distinct step (seeds aside)."""
+    from diffunlearn.runs.resolve import resolve_attack
+
+    key = repr((name, [o for o in overrides if not o.startswith("seed=")], concepts))
+    if key in ctx.checked_attacks:
+        return
+    try:
+        resolve_attack(name, ctx.model_dir, list(concepts), overrides=overrides, task_options=ctx.task_options)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    ctx.checked_attacks.add(key)
+
+
+# ---- running -----------------------------------------------------------------------------------
+
+@dataclass
+class GridResult:
+    done: list[str]
+    skipped: list[str]
+    failed: list[str]  # diverged ones included
+    blocked: list[str]
+    seconds: float
+    diverged: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.blocked
+
+
+def git_hash() -> str | None:
+    """The commit of the diffunlearn checkout in use (editable installs), else None."""
+    import subprocess
+
+    source = Path(__file__).resolve().parents[3]
+    try:
+        out = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs: int = 1,
+             threads: int | None = None, retries: int = 1, report: Callable[[str], None] | None = None,
+             poll_seconds: float = 0.5) -> GridResult:
+    """Run `nodes` (from `expand`) with `executor`; return what was done, skipped, failed, blocked."""
+    from diffunlearn.bench.store import Store
+    from diffunlearn.runs.resolve import package_versions
+
+    root = Path(root)
+    if not nodes:
+        return GridResult([], [], [], [], 0.0)
+    store = Store(root / "results.sqlite")
+    extra = {"git": git_hash(), "versions": package_versions()}
+    specs = {n.node: n.spec(root, threads, extra) for n in nodes}
+    store.sync(root / nodes[0].recipe / "records")
+    store.register([{k: v for k, v in s.items() if k not in ("overrides",)} for s in specs.values()])
+    complete = store.complete(nodes[0].recipe)
+    by_id = {n.node: n for n in nodes}
+    skipped = [n.node for n in nodes if complete.get(n.node) == n.spec_hash]
+    done: set[str] = set(skipped)
+    failed: dict[str, int] = {}
+    diverged: set[str] = set()
+    dead: set[str] = set()
+    running: dict[str, float] = {}
+    not_before: dict[str, float] = {}  # nodes another process is running: look again later
+    waiting = [n.node for n in nodes if n.node not in done]
+    progress = Progress(nodes, done, report, jobs)
+    start = time.time()
+    try:
+        while waiting or running:
+            for node_id in list(waiting):
+                if len(running) >= jobs:
+                    break
+                parent = by_id[node_id].depends
+                if parent in dead or (parent and parent not in by_id and parent not in done):
+                    waiting.remove(node_id)
+                    dead.add(node_id)
+                    continue
+                if not_before.get(node_id, 0.0) > time.time():
+                    continue
+                if parent is None or parent in done:
+                    waiting.remove(node_id)
+                    executor.submit(specs[node_id])
+                    running[node_id] = time.time()
+            for node_id, status in executor.poll(timeout=poll_seconds):
+                running.pop(node_id, None)
+                if status == "complete":
+                    done.add(node_id)
+                    progress.finished(node_id)
+                elif status == "busy":  # run elsewhere right now: come back to it later
+                    waiting.append(node_id)
+                    not_before[node_id] = time.time() + BUSY_RETRY_SECONDS
+                elif status == "diverged":  # deterministic: the same settings diverge again, never retried
+                    failed[node_id] = failed.get(node_id, 0) + 1
+                    diverged.add(node_id)
+                    dead.add(node_id)
+                    progress.failed(node_id)
+                else:
+                    failed[node_id] = failed.get(node_id, 0) + 1
+                    if failed[node_id] <= retries:
+                        waiting.insert(0, node_id)
+                    else:
+                        dead.add(node_id)
+                        progress.failed(node_id)
+            progress.show(running, dead)
+            if not running and waiting:  # only nodes run elsewhere are left: wait for them
+                time.sleep(poll_seconds)
+    finally:
+        executor.shutdown()
+        progress.close()
+    blocked = sorted(n for n in dead if n not in failed)
+    return GridResult(sorted(done - set(skipped)), skipped, sorted(n for n in dead if n in failed), blocked,
+                      time.time() - start, sorted(diverged))
+
+
+class Progress:
+    """done / running / failed and the time left: the estimated seconds of the nodes left
+    (bench/costs.py), scaled by measured / estimated time of the nodes finished in this session."""
+
+    def __init__(self, nodes: list[Node], done: set[str], report: Callable[[str], None] | None, jobs: int = 1):
+        self.estimates = {n.node: max(n.est_seconds, 1.0) for n in nodes}
+        self.total, self.done, self.report, self.jobs = len(nodes), set(done), report, max(jobs, 1)
+        self.skipped = len(done)
+        self.finished_estimate = 0.0
+        self.failures = 0
+        self.start = time.time()
+        self.last: tuple[int, ...] = ()
+        self.live = report is None and sys.stderr.isatty()
+
+    def finished(self, node_id: str) -> None:
+        self.done.add(node_id)
+        self.finished_estimate += self.estimates[node_id]
+
+    def failed(self, node_id: str) -> None:
+        self.failures += 1
+
+    def left_seconds(self, dead: set[str]) -> float:
+        remaining = sum(s for n, s in self.estimates.items() if n not in self.done and n not in dead)
+        if self.finished_estimate > 0:
+            return remaining * (time.time() - self.start) / self.finished_estimate
+        return remaining / self.jobs
+
+    def line(self, running: dict[str, float], dead: set[str]) -> str:
+        return (f"bench: {len(self.done)}/{self.total} done ({self.skipped} skipped), {len(running)} running, "
+                f"{self.failures} failed, {len(dead) - self.failures} blocked, "
+                f"~{self.left_seconds(dead) / 60:.0f} min left")
+
+    def show(self, running: dict[str, float], dead: set[str]) -> None:
+        """A live line on a terminal; elsewhere one line each time a count changes."""
+        counts = (len(self.done), len(running), self.failures, len(dead))
+        if not self.live and counts == self.last:
+            return
+        self.last = counts
+        text = self.line(running, dead)
+        if self.report is not None:
+            self.report(text)
+        elif self.live:
+            sys.stderr.write("\r" + text.ljust(100))
+            sys.stderr.flush()
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.live:
+            sys.stderr.write("\n")
+
+
+def write_spec(spec: dict[str, Any], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (spec["node"].replace("/", "__") + ".spec.json")
+    path.write_text(json.dumps(spec, default=str))
+    return path

@@ -1,0 +1,187 @@
+"""`diffunlearn report RECIPE --out report.html`: one self-contained HTML file.
+
+The claims with their verdicts and the numbers behind them, sortable leaderboards (means with
+95% t-intervals over seeds), figures (bar charts with intervals, AR and distance curves over
+attack steps, loss terms and distances over the unlearning) and image grids (forget and retain
+prompts before and after unlearning, then before and after each attack, the same seeds in
+each column), then every run with its status, time and host. Figures and images are embedded
+as base64 PNG; the one script is inline; nothing is fetched. Rendered by jinja2 with
+autoescaping on, so every user string (concept and forget-set names, paths, prompts,
+findings) is shown as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+from pathlib import Path
+from typing import Any
+
+from diffunlearn.bench.claims import evaluate_claims
+from diffunlearn.bench.grid import DEFAULT_ROOT
+from diffunlearn.bench.recipe import Recipe, load_recipe
+from diffunlearn.bench.report import plots
+from diffunlearn.bench.results import LABELS, cell, leaderboard, results
+from diffunlearn.bench.store import Store
+
+TEMPLATE = "template.html.j2"
+MAX_IMAGE_GRIDS = 40
+VERDICT_CLASS = {"holds": "holds", "fails": "fails", "inconclusive": "inconclusive", "no data": "nodata"}
+
+
+def render_report(recipe: str | Path | Recipe, out: str | Path, root: str | Path = DEFAULT_ROOT,
+                  model: str | Path | None = None, protocol: str = "fast", command: str | None = None) -> Path:
+    """Write the report of a recipe's results (whatever has finished so far) to `out`."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    root = Path(root)
+    frame = results(recipe, root, model=model, protocol=protocol)
+    store = Store(root / "results.sqlite")
+    html = render_html(recipe, frame, store.curves(recipe.name), store.runs(recipe.name),
+                       command or f"diffunlearn bench {recipe.name}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html, encoding="utf-8")
+    return out
+
+
+def render_html(recipe: Recipe, frame, curve_rows: list[dict[str, Any]], store_rows: list[dict[str, Any]],
+                command: str) -> str:
+    import jinja2
+    import pandas as pd
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    claims = evaluate_claims(recipe, frame)
+    boards = []
+    for kind, metrics in (("erase", recipe.leaderboard.erase), ("attack", recipe.leaderboard.attack)):
+        board = leaderboard(frame, metrics, kind)
+        if not board.empty:
+            boards.append({"kind": kind, "metrics": metrics, "rows": _board_rows(board, metrics)})
+    curves = pd.DataFrame(curve_rows, columns=["node", "source", "step", "name", "value"])
+    labels = frame.set_index("node")[[*LABELS, "seed"]]
+    curves = curves[curves["node"].isin(set(frame.loc[frame["status"] == "complete", "node"]))]
+    curves = curves.join(labels, on="node")
+    if not curves.empty:
+        curves["label"] = [plots.config_label(r) for _, r in curves.iterrows()]
+    counts = frame["status"].value_counts().to_dict()
+    versions = sorted({r["versions"] for r in store_rows if r.get("versions")})
+    gits = sorted({r["git"] for r in store_rows if r.get("git")})
+    hosts = sorted({r["host"] for r in store_rows if r.get("host")})
+    context = {
+        "recipe": recipe, "command": command, "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "counts": counts, "total": len(frame), "claims": [_claim_view(c) for c in claims], "boards": boards,
+        "figures": _figures(recipe, frame, curves), "grids": _grids(frame), "max_grids": MAX_IMAGE_GRIDS,
+        "runs": _run_rows(frame), "versions": versions, "gits": gits, "hosts": hosts,
+    }
+    return env.get_template(TEMPLATE).render(**context)
+
+
+def _claim_view(result) -> dict[str, Any]:
+    return {"id": result.claim.id, "paper": result.claim.paper, "finding": result.claim.finding,
+            "comparison": result.comparison, "verdict": result.verdict,
+            "css": VERDICT_CLASS.get(result.verdict, "nodata"),
+            "slices": [{"key": ", ".join(f"{k}={v}" for k, v in s.key.items()), "verdict": s.verdict,
+                        "css": VERDICT_CLASS.get(s.verdict, "nodata"), "numbers": s.numbers} for s in result.slices]}
+
+
+def _board_rows(board, metrics: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for _, r in board.iterrows():
+        cells = [{"text": str(r[c]), "sort": str(r[c])} for c in ("group", "variant", "method", "forget", "attack")]
+        cells.append({"text": str(r["runs"]), "sort": str(r["runs"])})
+        for m in metrics:
+            value = r[m]
+            cells.append({"text": cell(value, r[f"{m}_lo"], r[f"{m}_hi"]),
+                          "sort": "" if _missing(value) else repr(float(value))})
+        rows.append(cells)
+    return rows
+
+
+def _figures(recipe: Recipe, frame, curves) -> list[dict[str, Any]]:
+    figures = []
+
+    def add(title: str, png: bytes | None, caption: str) -> None:
+        if png:
+            figures.append({"title": title, "caption": caption, "data": base64.b64encode(png).decode()})
+
+    for group in recipe.groups:
+        part = frame[frame["group"] == group.id]
+        if part.empty:
+            continue
+        erase_board = leaderboard(part, recipe.leaderboard.erase, "erase")
+        add(f"{group.id}: erase runs", plots.bars(erase_board, recipe.leaderboard.erase, group.id),
+            "mean over seeds, error bars: 95% t-interval")
+        g = curves[curves["group"] == group.id] if not curves.empty else curves
+        if group.attacks:
+            attack_board = leaderboard(part, recipe.leaderboard.attack, "attack")
+            add(f"{group.id}: attack runs", plots.bars(attack_board, recipe.leaderboard.attack, group.id),
+                "mean over seeds, error bars: 95% t-interval")
+            if not g.empty:
+                a = g[g["source"] == "attack"].copy()
+                a["panel"] = a["attack"] + " / " + a["forget"]
+                add(f"{group.id}: AR over attack steps",
+                    plots.curves(a, "panel", ["AR_MU_top1"], "AR top-1 during the attack", "AR top-1 (%)"),
+                    "share of forget-prompt generations classified as the erased concept; mean over seeds, "
+                    "band: lowest to highest seed")
+                add(f"{group.id}: distance from the original weights during the attack",
+                    plots.curves(a, "panel", ["dist_unlearned"], "distance on the weights unlearning changed",
+                                 "L2 distance"),
+                    "L2 distance to the original model on the weights the unlearning changed")
+        if not g.empty:
+            losses = g[g["source"] == "loss"].copy()
+            loss_names = sorted(n for n in losses["name"].unique() if n.startswith("loss"))
+            losses["panel"] = losses["label"] + " / " + losses["forget"]
+            add(f"{group.id}: loss terms during unlearning",
+                plots.curves(losses[losses["attack"] == "none"], "panel", loss_names, "loss terms", "loss"),
+                "each loss term of the method per logged step, mean over seeds")
+            cos_names = sorted(n for n in losses["name"].unique() if n.startswith("cos_"))
+            if cos_names:
+                add(f"{group.id}: gradient cosines",
+                    plots.curves(losses[losses["attack"] == "none"], "panel", cos_names, "cosines", "cosine"),
+                    "cosine of the update with the retain and forget gradients ([004] Fig. 2)")
+            distance = g[g["source"] == "distance"].copy()
+            add(f"{group.id}: distance from the original weights during unlearning",
+                plots.curves(distance, "forget", ["dist_full"], "distance during unlearning", "L2 distance"),
+                "L2 distance of the whole UNet to the original weights")
+    return figures
+
+
+def _grids(frame) -> list[dict[str, Any]]:
+    """The first seed of each erase configuration: its samples, then each attack's."""
+    done = frame[frame["status"] == "complete"]
+    grids = []
+    erase = done[done["kind"] == "erase"].sort_values(["group", "variant", "method", "forget", "seed"])
+    for _, first in erase.groupby(["group", "variant", "method", "forget"], sort=False).head(1).iterrows():
+        if len(grids) >= MAX_IMAGE_GRIDS:
+            break
+        images = [{"caption": "original -> after unlearning", "data": _image(Path(first["out"]) / "samples.png")}]
+        attacks = done[(done["kind"] == "attack") & done["node"].str.startswith(first["node"] + "/")]
+        for _, a in attacks.iterrows():
+            images.append({"caption": f"{a['attack']}: after unlearning -> after the attack",
+                           "data": _image(Path(a["out"]) / "samples.png")})
+        images = [i for i in images if i["data"]]
+        if images:
+            grids.append({"title": f"{first['group']} / {first['variant']} / {first['method']} / {first['forget']} "
+                                   f"(seed {first['seed']})", "images": images})
+    return grids
+
+
+def _image(path: Path) -> str | None:
+    return base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
+
+
+def _missing(value) -> bool:
+    import pandas as pd
+
+    return value is None or bool(pd.isna(value))
+
+
+def _run_rows(frame) -> list[dict[str, Any]]:
+    rows = []
+    for _, r in frame.iterrows():
+        rows.append({"node": r["node"], "kind": r["kind"], "status": r["status"],
+                     "seed": "" if _missing(r["seed"]) else str(r["seed"]),
+                     "seconds": "" if _missing(r["seconds"]) else f"{r['seconds']:.0f}",
+                     "host": "" if _missing(r["host"]) else r["host"], "out": r["out"],
+                     "error": "" if _missing(r["error"]) else r["error"]})
+    return rows

@@ -1,0 +1,449 @@
+"""Benchmark grids without running a model: recipes, expansion, claims, the store, the runner's
+order and skipping (with a fake executor), report escaping."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+from bench_helpers import FakeExecutor, tiny_recipe
+from typer.testing import CliRunner
+
+from diffunlearn.bench import expand, load_recipe, shipped_recipes
+from diffunlearn.bench.claims import FAILS, HOLDS, INCONCLUSIVE, NO_DATA, Interval, evaluate_claim, t_quantile
+from diffunlearn.bench.costs import grid_minutes
+from diffunlearn.bench.grid import run_grid
+from diffunlearn.bench.recipe import Claim
+from diffunlearn.bench.store import Store
+from diffunlearn.cli import app
+
+runner = CliRunner()
+
+
+# ---- recipes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_every_shipped_recipe_validates_expands_and_states_its_size(name, tmp_path):
+    recipe = load_recipe(name)
+    assert recipe.claims or not recipe.headline, f"{name} states no claim"
+    nodes = expand(recipe, tmp_path)
+    assert len(nodes) == recipe.estimate.runs, "estimate.runs must match the expansion"
+    minutes = grid_minutes(nodes, jobs=2)
+    assert recipe.estimate.minutes == pytest.approx(minutes, rel=0.1, abs=1.0), f"estimate: ~{minutes:.0f} min"
+    if recipe.headline:
+        assert minutes <= (15 if name == "quick" else 120), "a recipe's default grid must fit its time budget"
+    assert len({n.node for n in nodes}) == len(nodes)
+    order = {n.node: i for i, n in enumerate(nodes)}
+    for n in nodes:
+        if n.depends:
+            assert order[n.depends] < order[n.node] and n.kind == "attack"
+            assert str(n.out).startswith(str(next(p.out for p in nodes if p.node == n.depends)))
+    erase = [n for n in nodes if n.kind == "erase"]
+    assert all(n.run_id and n.run_id in n.out.name for n in erase)  # the directory is derived from the run id
+
+
+def test_bench_ls_and_expansion_without_torch():
+    """Listing and expanding (every run resolved with resolve_erase / resolve_attack) import no torch."""
+    code = ("import sys; from typer.testing import CliRunner; from diffunlearn.cli import app; "
+            "r = CliRunner().invoke(app, ['bench', 'ls']); print(r.stdout); assert r.exit_code == 0; "
+            "d = CliRunner().invoke(app, ['bench', 'quick', '--dry-run', '--root', '/nonexistent/bench']); "
+            "assert d.exit_code == 0 and '16 runs' in d.stdout, d.output; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in shipped_recipes():
+        assert name in out.stdout
+
+
+BAD_RECIPES = {
+    "unknown key": ("colour: red", "unknown key 'colour'"),
+    "unknown method": ("groups: [{id: g, methods: [cor], forget: [one]}]", "unknown method 'cor'"),
+    "unknown concept": ("forget_sets: {one: [doted]}", "unknown concept 'doted'"),
+    "unknown forget set": ("groups: [{id: g, methods: [core], forget: [two]}]", "unknown forget set 'two'"),
+    "bad claim metric": ("claims: [{id: c, paper: p, finding: f, metric: Totl, kind: at_least, value: 1, "
+                         "subject: {method: core}}]", "unknown metric 'Totl'"),
+    "claim on a missing group": ("claims: [{id: c, paper: p, finding: f, metric: UA, kind: at_least, value: 1, "
+                                 "subject: {group: nope}}]", "subject.group 'nope'"),
+    "claim without operand": ("claims: [{id: c, paper: p, finding: f, metric: UA, kind: greater, "
+                              "subject: {method: core}}]", "needs 'other'"),
+    "bad override section": ("groups: [{id: g, methods: [core], forget: [one], overrides: [attack.steps=1]}]",
+                             "sets 'attack'"),
+    "bad method value": ("groups: [{id: g, methods: [core], forget: [one], overrides: [method.lr=-1]}]",
+                         "method.lr"),
+    # every override passes the strict checks of the run it reaches (attacks: resolve_attack)
+    "unknown method key": ("groups: [{id: g, methods: [mace], forget: [one], overrides: [method.mapping_object=x]}]",
+                           "unknown config key 'method.mapping_object'"),
+    "unknown attack key": ("groups: [{id: g, methods: [core], forget: [one], attacks: [{id: a, attack: relearn, "
+                           "overrides: [attack.stepz=1]}]}]", "unknown config key 'attack.stepz'"),
+    "bad attack value": ("groups: [{id: g, methods: [original], forget: [one], attacks: [{id: a, attack: relearn, "
+                         "overrides: [attack.data=nowhere]}]}]", "attack.data"),
+    "the old evaluator key": ("protocols: {fast: ['eval.evaluators=/x']}", "eval.evaluator=canvas:DIR"),
+    "the old task key": ("overrides: [task.images_per_pair=1]", "task.images_per_pair"),
+    "concept set as an override": ("overrides: [task.concepts=canvas]", "recipe's `task:` block"),
+    "unknown concept set": ("task: {concepts: no-such-set.yaml}", "forget set 'one'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPES))
+def test_bad_recipes_exit_2_with_one_line(case, tmp_path):
+    change, expected = BAD_RECIPES[case]
+    base = {"name": "bad", "description": "d", "paper": "p", "forget_sets": "{one: [dotted]}",
+            "groups": "[{id: g, methods: [core], forget: [one]}]",
+            "estimate": "{runs: 1, minutes: 1, basis: b}"}
+    key = change.split(":", 1)[0]
+    lines = [f"{k}: {v}" for k, v in base.items() if k != key] + [change]
+    path = tmp_path / "bad.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["bench", str(path), "--root", str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    out = [line for line in result.output.strip().splitlines() if line]
+    assert len(out) == 1 and expected in out[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_recipe_name_suggests_the_close_one():
+    result = runner.invoke(app, ["bench", "quik"])
+    assert result.exit_code == 2 and "did you mean 'quick'" in result.output
+
+
+# ---- expansion -----------------------------------------------------------------------------------
+
+def test_a_recipe_on_another_concept_set(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    """The recipe's `task:` block (or --concepts / --forget-set) reaches every run: erase runs
+    resolve with it, the control evaluates with it, the attacks get it; a set file named by the
+    recipe is read beside the recipe."""
+    import shutil
+
+    from diffunlearn.bench.recipe import with_concepts
+    from diffunlearn.config import ConfigError
+    from diffunlearn.data.concepts import SETS_DIR
+    from diffunlearn.runs.resolve import resolve_erase
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, methods=("original", "core"))
+    default = load_recipe(path)
+    plain = expand(default, tmp_path / "root")
+    assert all(n.task_options == {} for n in plain)
+
+    moved = with_concepts(default, concepts="canvas", forget_sets={"dotted": ["grid"]})
+    nodes = expand(moved, tmp_path / "root")
+    assert [n.node for n in nodes] == [n.node for n in plain]  # the same labels: claims still apply
+    assert all(n.concepts == ["grid"] and n.task_options == {"concepts": "canvas"} for n in nodes)
+    erase = next(n for n in nodes if n.kind == "erase")
+    resolved = resolve_erase("core", ["grid"], None, str(tiny_model_dir), None, erase.overrides, {"concepts": "canvas"})
+    assert erase.run_id == resolved.run_id and resolved.task.concepts == "canvas"
+    assert not {n.out for n in nodes} & {n.out for n in plain}  # other runs, other directories
+    spec = next(n for n in nodes if n.kind == "evaluate").spec(tmp_path, None, {})
+    assert spec["task_options"] == {"concepts": "canvas"} and spec["concepts"] == ["grid"]
+    with pytest.raises(ConfigError, match="no forget set 'nope'"):
+        with_concepts(default, forget_sets={"nope": ["grid"]})
+
+    # a concept-set file named in the recipe is found beside it, from any working directory
+    shutil.copy(SETS_DIR / "canvas.yaml", tmp_path / "myset.yaml")
+    path.write_text(path.read_text() + "task: {concepts: myset.yaml}\n")
+    recipe = load_recipe(path)
+    assert recipe.task.concepts == str((tmp_path / "myset.yaml").resolve())
+    assert all(n.task_options == {"concepts": recipe.task.concepts} for n in expand(recipe, tmp_path / "root"))
+
+    # the command line: --forget-set NAME=C1,C2 (malformed: exit 2, one line) and --concepts
+    result = runner.invoke(app, ["bench", str(path), "--root", str(tmp_path / "root"), "--dry-run",
+                                 "--concepts", "canvas", "--forget-set", "dotted=grid,wavy"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["bench", str(path), "--dry-run", "--forget-set", "dotted"])
+    assert result.exit_code == 2 and "NAME=CONCEPT" in result.output
+    result = runner.invoke(app, ["bench", str(path), "--dry-run", "--forget-set", "dotted=doted"])
+    assert result.exit_code == 2 and "unknown concept 'doted'" in result.output
+
+def test_expansion_crosses_methods_seeds_and_attacks(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1), methods=("original", "core", "esd"))
+    nodes = expand(load_recipe(path), tmp_path / "root")
+    kinds = [(n.kind, n.node) for n in nodes]
+    assert ("evaluate", "g/default/original/dotted") in kinds  # the control is seedless: evaluated once
+    assert sum(k == "erase" for k, _ in kinds) == 4  # 2 methods x 2 seeds
+    assert sum(k == "attack" for k, _ in kinds) == 6  # relearn after each erase run and on the original per seed
+    erase = {n.node: n for n in nodes if n.kind == "erase"}
+    assert erase["g/default/core/dotted/s0"].run_id != erase["g/default/core/dotted/s1"].run_id  # seed in the id
+    assert "seed=1" in erase["g/default/core/dotted/s1"].overrides
+    attack = next(n for n in nodes if n.node == "g/default/core/dotted/s1/relearn-i")
+    assert attack.depends == "g/default/core/dotted/s1" and attack.attack_model == str(
+        erase["g/default/core/dotted/s1"].out.resolve())
+    control = next(n for n in nodes if n.node == "g/default/original/dotted/s0/relearn-i")
+    assert control.attack_forget == ["dotted"] and control.depends == "g/default/original/dotted"
+    # the same recipe expands to the same run ids (finished runs are recognised)
+    again = expand(load_recipe(path), tmp_path / "root")
+    assert [(n.node, n.out) for n in again] == [(n.node, n.out) for n in nodes]
+
+
+# ---- claims ---------------------------------------------------------------------------------------
+
+def test_t_interval_matches_hand_computation():
+    # values 1, 2, 3: mean 2, s = 1, t(0.975, 2) = 4.303 -> half width 4.303 / sqrt(3) = 2.4843
+    interval = Interval.of([1.0, 2.0, 3.0])
+    assert interval.mean == 2.0 and interval.lo == pytest.approx(2 - 2.4843, abs=1e-3)
+    assert interval.hi == pytest.approx(2 + 2.4843, abs=1e-3)
+    assert t_quantile(1) == 12.706 and t_quantile(120) == pytest.approx(1.980, abs=2e-3)  # table value 1.980
+    assert Interval.of([5.0]).lo is None and Interval.of([5.0], exact=True).lo == 5.0
+
+
+def _frame(rows):
+    base = {"kind": "erase", "group": "g", "variant": "default", "forget": "one", "attack": "none",
+            "status": "complete"}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def _claim(**kw):
+    data = {"id": "c", "paper": "p", "finding": "f", "metric": "Total", "subject": {"method": "core"}}
+    return Claim(**{**data, **kw})
+
+
+def test_claim_kinds_give_holds_fails_and_inconclusive():
+    rows = [{"method": "core", "seed": s, "Total": v} for s, v in enumerate([390.0, 392.0, 394.0])]
+    rows += [{"method": "esd", "seed": s, "Total": v} for s, v in enumerate([300.0, 310.0, 305.0])]
+    rows += [{"method": "salun", "seed": s, "Total": v} for s, v in enumerate([380.0, 400.0, 395.0])]
+    rows += [{"method": "original", "seed": None, "Total": 299.0}]
+    frame = _frame(rows)
+    assert evaluate_claim(_claim(kind="greater", other={"method": "esd"}), frame).verdict == HOLDS
+    assert evaluate_claim(_claim(kind="less", other={"method": "esd"}), frame).verdict == FAILS
+    assert evaluate_claim(_claim(kind="greater", other={"method": "salun"}), frame).verdict == INCONCLUSIVE
+    best = evaluate_claim(_claim(kind="best", among={"method": ["core", "esd", "salun"]}), frame)
+    assert best.verdict == INCONCLUSIVE and "salun" in best.slices[0].numbers  # separates from esd, not salun
+    assert evaluate_claim(_claim(kind="worst", among={"method": ["core", "esd"]}), frame).verdict == FAILS
+    assert evaluate_claim(_claim(kind="at_least", value=380), frame).verdict == HOLDS  # [387.0, 397.0]
+    assert evaluate_claim(_claim(kind="at_most", value=380), frame).verdict == FAILS
+    assert evaluate_claim(_claim(kind="at_least", value=392), frame).verdict == INCONCLUSIVE
+    # the seedless control is an exact point: core's interval is wholly above it
+    assert evaluate_claim(_claim(kind="greater", other={"method": "original"}), frame).verdict == HOLDS
+    # exact ties are not "greater"
+    tie = _frame([{"method": "a", "seed": None, "Total": 100.0}, {"method": "b", "seed": None, "Total": 100.0}])
+    assert evaluate_claim(_claim(kind="greater", subject={"method": "a"}, other={"method": "b"}), tie).verdict == FAILS
+    assert evaluate_claim(_claim(kind="greater", other={"method": "nobody"}), frame).verdict == NO_DATA
+
+
+def test_rises_pairs_by_seed_and_per_slices():
+    rows = [{"method": "esd", "attack": "relearn-i", "kind": "attack", "seed": s, "forget": f,
+             "AR_MU_top1": mu, "AR_DiMRA_top1": dimra}
+            for s, f, mu, dimra in [(0, "one", 0, 10), (1, "one", 5, 20), (2, "one", 0, 12),
+                                    (0, "three", 10, 10), (1, "three", 20, 20), (2, "three", 5, 5)]]
+    frame = _frame(rows)
+    claim = _claim(metric="AR_DiMRA_top1", kind="rises", from_metric="AR_MU_top1",
+                   subject={"method": "esd", "attack": "relearn-i"}, per=["forget"])
+    result = evaluate_claim(claim, frame)
+    verdicts = {s.key["forget"]: s.verdict for s in result.slices}
+    # one: differences 10, 15, 12 -> mean 12.33, s 2.52, half 6.25: [6.1, 18.6] > 0; three: all 0 -> no rise
+    assert verdicts == {"one": HOLDS, "three": FAILS} and result.verdict == FAILS
+    assert "12.33" in next(s.numbers for s in result.slices if s.key["forget"] == "one")
+    falls = _claim(metric="AR_MU_top1", kind="falls", other={"method": "esd", "attack": "relearn-i"},
+                   subject={"method": "esd", "attack": "relearn-i"})
+    assert evaluate_claim(falls, frame[frame["forget"] == "three"]).verdict == FAILS  # identical: no fall
+
+
+# ---- the store ------------------------------------------------------------------------------------
+
+def _write_records(path: str, writer: int, count: int) -> None:
+    store = Store(path)
+    for i in range(count):
+        node = f"w{writer}/n{i}"
+        store.record({"recipe": "r", "node": node, "spec": "s", "kind": "erase", "status": "complete",
+                      "metrics": {f"m{k}": float(writer * 1000 + i + k) for k in range(20)} | {"nan": float("nan")},
+                      "curves": [("loss", step, "loss", float(step)) for step in range(30)]})
+
+
+def test_store_survives_four_concurrent_writers(tmp_path):
+    path = str(tmp_path / "results.sqlite")
+    Store(path)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_write_records, args=(path, w, 25)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    store = Store(path)
+    assert store.journal == "wal"
+    runs = store.runs("r")
+    assert len(runs) == 100 and {r["status"] for r in runs} == {"complete"}
+    metrics = store.metrics("r")
+    assert len(metrics) == 100 * 20  # NaN never stored
+    assert len(store.curves("r")) == 100 * 30
+    # a rerun replaces a node's row and figures, never duplicates them
+    _write_records(path, 0, 1)
+    assert len(store.runs("r")) == 100 and len(store.metrics("r")) == 2000
+
+
+# ---- the runner (fake executor: order, skipping, failures) -----------------------------------------
+
+def test_runner_orders_dependencies_skips_finished_and_blocks_after_failures(tmp_path, tiny_model_dir,
+                                                                              tiny_evaluator_dir):
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1))
+    recipe, root = load_recipe(path), tmp_path / "root"
+    nodes = expand(recipe, root)
+    fake = FakeExecutor()
+    result = run_grid(nodes, fake, root, jobs=4, report=lambda line: None)
+    assert sorted(result.done) == sorted(n.node for n in nodes) and result.ok
+    for n in nodes:
+        if n.depends:  # an attack is submitted only after its erase run finished
+            assert fake.finished.index(n.depends) < fake.submitted.index(n.node)
+    again = FakeExecutor()
+    result = run_grid(expand(recipe, root), again, root, jobs=4, report=lambda line: None)
+    assert again.submitted == [] and len(result.skipped) == len(nodes)
+
+    # a changed config is a new run: its node runs again; a failure blocks its attack
+    changed = path.read_text().replace("method.steps=2", "method.steps=3")
+    path.write_text(changed)
+    failing = FakeExecutor(fail={"g/default/core/dotted/s0"})
+    result = run_grid(expand(load_recipe(path), root), failing, root, jobs=4, retries=1, report=lambda line: None)
+    assert failing.submitted.count("g/default/core/dotted/s0") == 2  # retried once
+    assert result.failed == ["g/default/core/dotted/s0"] and result.blocked == ["g/default/core/dotted/s0/relearn-i"]
+    assert "g/default/core/dotted/s1/relearn-i" in result.done
+    rows = {r["node"]: r for r in Store(root / "results.sqlite").runs(recipe.name)}
+    assert len(rows) == len(nodes) and rows["g/default/core/dotted/s0"]["status"] == "failed"
+    assert rows["g/default/core/dotted/s0/relearn-i"]["status"] == "pending"
+
+
+def test_a_diverged_run_counts_as_failed_and_is_never_retried(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1))
+    root = tmp_path / "root"
+    diverging = FakeExecutor(diverge={"g/default/core/dotted/s0"})
+    result = run_grid(expand(load_recipe(path), root), diverging, root, jobs=4, retries=3, report=lambda line: None)
+    assert diverging.submitted.count("g/default/core/dotted/s0") == 1  # deterministic: no retry
+    assert result.failed == result.diverged == ["g/default/core/dotted/s0"] and not result.ok
+    assert result.blocked == ["g/default/core/dotted/s0/relearn-i"]
+    assert sorted(result.done) == ["g/default/core/dotted/s1", "g/default/core/dotted/s1/relearn-i"]
+    rows = {r["node"]: r for r in Store(root / "results.sqlite").runs("tiny")}
+    assert rows["g/default/core/dotted/s0"]["status"] == "diverged"
+
+
+def test_worker_reports_diverged_runs_and_run_directories_in_use(tmp_path, tiny_model_dir, tiny_evaluator_dir,
+                                                                 monkeypatch):
+    """The worker's side, without training: a run that raises TrainingDiverged, or whose run.json
+    already says `diverged`, is recorded `diverged` (exit 3, never raised for Ray/submitit to
+    retry); a run directory another command holds makes the node busy, not failed."""
+    import json
+
+    import diffunlearn
+    from diffunlearn.bench.executors import EXIT_STATUS
+    from diffunlearn.bench.grid import write_spec
+    from diffunlearn.bench.worker import EXIT_DIVERGED, NodeBusy, main, run_node
+    from diffunlearn.engine.errors import TrainingDiverged
+    from diffunlearn.runs.common import claimed_dir
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, attacks=False)
+    root = tmp_path / "root"
+    node = expand(load_recipe(path), root)[0]
+    spec = node.spec(root, 1, {})
+
+    def diverges(*args, **kwargs):
+        raise TrainingDiverged(4, "loss is nan", None)
+
+    monkeypatch.setattr(diffunlearn, "erase", diverges)
+    record = run_node(spec, raise_on_failure=True)  # returned, not raised
+    assert record["status"] == "diverged" and "step 4" in record["error"]
+    monkeypatch.undo()
+
+    node.out.mkdir(parents=True)
+    (node.out / "run.json").write_text(json.dumps({"run_id": node.run_id, "kind": "erase", "status": "diverged",
+                                                   "step": 7, "reason": "gradient norm is inf"}))
+    assert main([str(write_spec(spec, tmp_path / "specs"))]) == EXIT_DIVERGED and EXIT_STATUS[3] == "diverged"
+    saved = json.loads(next((root / "tiny" / "records").glob("*.json")).read_text())
+    assert saved["status"] == "diverged" and "step 7" in saved["error"]
+
+    (node.out / "run.json").unlink()
+    with claimed_dir(node.out), pytest.raises(NodeBusy, match="in use"):  # `diffunlearn erase --out` holds it
+        run_node(spec)
+
+
+# ---- results and the report (fake records) -----------------------------------------------------------
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+def test_report_escapes_user_strings(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    import diffunlearn
+    from diffunlearn.bench.report import render_report
+
+    claims = textwrap.dedent(f"""\
+        claims:
+          - id: c1
+            paper: "[001] <b>Table 1</b>"
+            finding: "{SCRIPT} erases"
+            metric: UA
+            kind: at_least
+            value: 10
+            subject: {{method: core}}
+        """)
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1), forget_name=SCRIPT,
+                       claims=claims)
+    recipe, root = load_recipe(path), tmp_path / "root"
+    fake = FakeExecutor()
+    run_grid(expand(recipe, root), fake, root, jobs=2, report=lambda line: None)
+    frame = diffunlearn.results(path, root)
+    assert set(frame["forget"]) == {SCRIPT} and (frame["status"] == "complete").all()
+    html = render_report(recipe, tmp_path / "report.html", root).read_text()
+    assert SCRIPT not in html and "<b>Table 1</b>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("<script>") == 1  # the report's own sorter, nothing else
+    assert "holds" in html  # UA 50 in both seeds: an exact interval above 10
+
+
+def test_results_command_prints_the_leaderboard_and_every_kind_of_claim(tmp_path, tiny_model_dir,
+                                                                        tiny_evaluator_dir):
+    from diffunlearn.bench.claims import describe
+
+    extras = {"greater": ["other: {method: original}"], "best": ["among: {method: [core, original]}"],
+              "at_least": ["value: 10"], "rises": ["from_metric: AR_MU_top1"],
+              "same": ["from_metric: AR_MU_top1", "value: 5"]}
+    lines = ["claims:"]
+    for kind, extra in extras.items():
+        on_attack = kind in ("rises", "same")
+        lines += [f"  - id: {kind}", "    paper: p", "    finding: f",
+                  f"    metric: {'AR_DiMRA_top1' if on_attack else 'UA'}", f"    kind: {kind}",
+                  f"    subject: {{method: core{', attack: relearn-i' if on_attack else ''}}}",
+                  *[f"    {e}" for e in extra]]
+    claims = "\n".join(lines) + "\n"
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1), methods=("original", "core"),
+                       claims=claims)
+    recipe, root = load_recipe(path), tmp_path / "root"
+    figures = {"erase": {"UA": 90.0}, "evaluate": {"UA": 0.0}, "attack": {"AR_MU_top1": 0.0, "AR_DiMRA_top1": 20.0}}
+    run_grid(expand(recipe, root), FakeExecutor(metrics=lambda spec: figures[spec["kind"]]), root, jobs=2,
+             report=lambda line: None)
+    result = runner.invoke(app, ["results", str(path), "--root", str(root), "--csv", str(tmp_path / "runs.csv")])
+    assert result.exit_code == 0, result.output
+    assert "| core | 2 | 90 |" in result.output  # two seeds pooled; identical values: no interval shown
+    verdicts = {c.id: c for c in recipe.claims}
+    assert set(verdicts) == {"greater", "best", "at_least", "rises", "same"}
+    for line in result.output.splitlines():
+        if line.startswith("| rises |"):
+            assert "**holds**" in line and "> 0" in line  # 0 -> 20 in both seeds
+        if line.startswith("| same |"):
+            assert "**fails**" in line and "within +/-5" in line  # a change of 20 is outside +/-5
+    assert all(describe(c) for c in recipe.claims)
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 7  # 1 evaluate + 2 erase + 4 attacks
+
+
+def test_a_node_locked_elsewhere_is_deferred_then_run(tmp_path, tiny_model_dir, tiny_evaluator_dir, monkeypatch):
+    from diffunlearn.bench import grid
+    from diffunlearn.bench.worker import NodeBusy, node_lock
+
+    out = tmp_path / "run"
+    with node_lock(out), pytest.raises(NodeBusy):  # a second holder is refused at once
+        with node_lock(out):
+            pass
+
+    class BusyOnce(FakeExecutor):
+        def submit(self, spec):
+            if spec["node"] not in self.submitted:
+                self.submitted.append(spec["node"])
+                self.queue.append((spec["node"], "busy"))
+                return
+            super().submit(spec)
+
+    monkeypatch.setattr(grid, "BUSY_RETRY_SECONDS", 0.2)
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, attacks=False)
+    root = tmp_path / "root"
+    fake = BusyOnce()
+    result = run_grid(expand(load_recipe(path), root), fake, root, jobs=1, report=lambda line: None,
+                      poll_seconds=0.05)
+    assert result.ok and result.done == ["g/default/core/dotted/s0"] and fake.submitted.count(result.done[0]) == 2
