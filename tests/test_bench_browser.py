@@ -1,14 +1,13 @@
 """The HTML report in a real browser: headless Chromium renders it, the screenshot is not
 blank, and the DOM holds the expected leaderboard rows.
 
-Set-up: Debian's `chromium` package. When it is absent the fixture installs it with
-`apt-get install -y chromium` (root, as on the development machines and CI); if that is not
-possible the test skips and says why.
+Set-up: Debian's `chromium` package, installed by `.ci/run` (`apt-get install -y chromium`
+where apt and root are available); when it is absent the test skips and says why. A test
+never installs anything itself.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -24,24 +23,11 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-dev-shm-usage", "--no-first-run", "--hide-scrollbars"]
 
 
-def _install_chromium() -> str | None:
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        return None
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env,
-                       capture_output=True, timeout=1200)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return shutil.which("chromium")
-
-
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser") or _install_chromium()
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        pytest.skip("headless Chromium is not installed and `apt-get install chromium` was not possible")
+        pytest.skip("headless Chromium is not installed (apt-get install chromium; .ci/run does it)")
     return path
 
 
