@@ -49,18 +49,14 @@ class Term:
     norm: Literal["squared", "l2"] = "squared"  # l2: unsquared per-sample norm (AdvAnchor, [001] eq. 11)
     generation_steps: int = 50  # images="generated": DDIM steps of the sampler (ESD: 50)
     generation_guidance: float = 3.0  # images="generated": its guidance scale (ESD: 3)
-<<<<<<< HEAD
-    generator: Literal["teacher", "student"] = "teacher"  # images="generated": which weights sample
     # images="generated": x_t is the state after k DDIM steps, k uniform in [first_stop, generation_steps - 1],
     # trained at that state's timestep. 0 as the official ESD code (esd_sd.py: run_till_timestep =
     # random.randint(0, 49)), where k = 0 trains on the initial noise at the first DDIM timestep.
     first_stop: int = 0
-=======
     # images="generated": draw each sample's training timestep uniformly from the DDPM steps of
     # the DDIM interval it stopped in, [t_stop, t_stop + stride), as SDD's train_sdd.py does;
     # off: t = t_stop, the exact level of x_t (ESD's esd_sd.py)
     timestep_jitter: bool = False
->>>>>>> fid-sdd-shs-salun
 
 
 @dataclass
@@ -117,14 +113,10 @@ def draw_batch(backend: Backend, task: UnlearningTask, source: ImageSource, n: i
 
 
 def generate_batch(backend: Backend, term: Term, task: UnlearningTask, n: int, gen: torch.Generator) -> TermBatch:
-<<<<<<< HEAD
     """x_t sampled from the forget prompts and stopped after a random number of DDIM steps
-    (`term.first_stop` to `generation_steps - 1`, one draw per batch), as the official ESD code
-    does (data-free) and SDD does with the student."""
-=======
-    """x_t sampled from the forget prompts and stopped at a random DDIM step, by the teacher
-    weights: the frozen original for ESD (data-free), the EMA for SDD (a ParamsView's teacher)."""
->>>>>>> fid-sdd-shs-salun
+    (`term.first_stop` to `generation_steps - 1`, one draw per batch), by the teacher weights: the
+    frozen original for ESD (data-free, as the official ESD code does), the EMA for SDD (a
+    ParamsView's teacher)."""
     import torch
 
     _, prompts = sample_items(task, "forget", n, gen)
