@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import Stopwatch
 
 import diffunlearn
 from diffunlearn.runs.erase import load_erase
@@ -35,9 +35,9 @@ def salun_mask_seconds(forget: str) -> float:
     """SalUn's saliency mask alone, set up exactly as its erase run does before training."""
     loaded = load_erase("salun", [forget], overrides=NO_EVAL)
     loaded.model.set_trainable(loaded.method.param_group())
-    start = time.perf_counter()
-    loaded.method.setup()
-    return time.perf_counter() - start
+    with Stopwatch() as watch:
+        loaded.method.setup()
+    return watch.wall
 
 
 def main() -> None:
@@ -53,13 +53,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.repeats):
             for method in METHODS:
-                start = time.perf_counter()
-                run = diffunlearn.erase(method, [args.forget], out=Path(tmp) / f"{method}-{k}", overrides=NO_EVAL,
-                                        threads=args.threads, progress=False)
+                with Stopwatch() as watch:
+                    run = diffunlearn.erase(method, [args.forget], out=Path(tmp) / f"{method}-{k}",
+                                            overrides=NO_EVAL, threads=args.threads, progress=False)
                 cost = run.metrics["cost"]
-                results[method].append({"wall": time.perf_counter() - start, **cost})
-                print(f"{method} #{k}: wall {results[method][-1]['wall']:.1f} s, train {cost['train_seconds']:.1f} s, "
-                      f"{cost['steps']} steps", flush=True)
+                results[method].append({"wall": watch.wall, "cpu": watch.cpu, **cost})
+                print(f"{method} #{k}: wall {watch.wall:.1f} s (CPU {watch.cpu:.1f} s), forgetting stage "
+                      f"{cost['train_seconds']:.1f} s, {cost['steps']} steps", flush=True)
             masks.append(salun_mask_seconds(args.forget))
 
     def median(method: str, key: str) -> float:
@@ -67,19 +67,22 @@ def main() -> None:
 
     print(f"\nthreads {args.threads}, forgetting '{args.forget}', testbed profiles, evaluation off, "
           f"{args.repeats} alternating runs each (medians)\n")
-    print("| method | steps | batch | UNet fwd calls / images / bwd | run wall s | forgetting stage s | s per step |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | steps | batch | UNet fwd calls / images / bwd | run wall s | run CPU s | forgetting stage s "
+          "| s per step |")
+    print("|---|---|---|---|---|---|---|---|")
     for method in METHODS:
         r = results[method][-1]
         batch = load_batch_size(method)
         print(f"| {method} | {r['steps']} | {batch} | {r['unet_forward']} / {r['unet_forward_images']} / "
-              f"{r['unet_backward']} | {median(method, 'wall'):.1f} | {median(method, 'train_seconds'):.1f} | "
+              f"{r['unet_backward']} | {median(method, 'wall'):.1f} | {median(method, 'cpu'):.1f} | "
+              f"{median(method, 'train_seconds'):.1f} | "
               f"{median(method, 'train_seconds') / r['steps']:.3f} |")
     salun_train, erasediff_train = median("salun", "train_seconds"), median("erasediff", "train_seconds")
     print(f"\nSalUn's saliency mask alone: {statistics.median(masks):.1f} s (a separate stage, before training)")
     print(f"SalUn / EraseDiff, forgetting stage: {salun_train / erasediff_train:.2f}x "
           f"([004] Table 4: {PAPER_RATIO:.1f}x); whole runs (mask and saving included): "
-          f"{median('salun', 'wall') / median('erasediff', 'wall'):.2f}x")
+          f"{median('salun', 'wall') / median('erasediff', 'wall'):.2f}x wall, "
+          f"{median('salun', 'cpu') / median('erasediff', 'cpu'):.2f}x CPU")
     per_step = (erasediff_train / results["erasediff"][-1]["steps"]) / (salun_train / results["salun"][-1]["steps"])
     print(f"per step: EraseDiff / SalUn {per_step:.2f}x")
 

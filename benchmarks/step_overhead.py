@@ -12,7 +12,9 @@ the toolkit's overhead over the model's own cost (goal <= 1.15).
 
 Step and raw alternate (warm-up first, then step, raw, step, raw, ...), and the table reports
 the median ratio and its spread (interquartile range and min-max), so a busy machine moves
-both timings of a trial alike instead of swinging the figure. Closed-form methods (uce,
+both timings of a trial alike instead of swinging the figure. Times are the process's CPU time
+(`time.process_time`; with one thread, the time the step actually ran, not the time other
+processes held the core); the wall-clock ratio is printed beside it. Closed-form methods (uce,
 retrain) have no training step and are listed as skipped; MACE's closed-form refinement and
 fusion are skipped, its per-concept LoRA training (which runs on the shared loop) is timed.
 The UNet passes counted by the backend (`model.counters`) are printed beside each row as a
@@ -26,11 +28,11 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from timing import Stopwatch, spread
 
 from diffunlearn.engine.loop import make_optimizer, train_step
 from diffunlearn.runs.common import loop_config
@@ -73,23 +75,22 @@ def recorded_unet_calls(unet: torch.nn.Module):
 
 
 def replay(unet: torch.nn.Module, calls: list[UNetCall], params: list[torch.nn.Parameter],
-           backward_all: bool = False) -> float:
-    """Seconds for the raw passes of `calls`: each forward as the step ran it, and a backward
-    through each output the step back-propagated through (into the trained group); with
-    `backward_all`, through every output autograd recorded."""
+           backward_all: bool = False) -> tuple[float, float]:
+    """(wall, CPU) seconds for the raw passes of `calls`: each forward as the step ran it, and a
+    backward through each output the step back-propagated through (into the trained group);
+    with `backward_all`, through every output autograd recorded."""
     for p in params:
         p.grad = None
     gc.collect()
-    start = time.perf_counter()
-    for call in calls:
-        with torch.set_grad_enabled(call.grad):
-            out = unet(call.sample, call.timestep, encoder_hidden_states=call.cond).sample
-        if call.backward or (backward_all and call.grad):
-            out.pow(2).mean().backward()
-    seconds = time.perf_counter() - start
+    with Stopwatch() as watch:
+        for call in calls:
+            with torch.set_grad_enabled(call.grad):
+                out = unet(call.sample, call.timestep, encoder_hidden_states=call.cond).sample
+            if call.backward or (backward_all and call.grad):
+                out.pow(2).mean().backward()
     for p in params:
         p.grad = None
-    return seconds
+    return watch.wall, watch.cpu
 
 
 @dataclass
@@ -111,8 +112,8 @@ def build(name: str, forget: str) -> Trainable | str:
     """The method as an erase run sets it up before its loop; a string says why it is skipped."""
     loaded = load_erase(name, [forget], overrides=NO_EVAL)
     model, method = loaded.model, loaded.method
-    model.set_trainable(method.param_group())
     if name == "mace":  # the closed forms are skipped; each concept's LoRA trains on the shared loop
+        model.set_trainable(method.param_group())
         method.setup()
         params = method.add_concept_lora(forget)
         return Trainable(model, params, lambda k, gen: method.attention_step(forget, gen),
@@ -129,15 +130,14 @@ def build(name: str, forget: str) -> Trainable | str:
 def measure(run: Trainable, trials: int, warmup: int) -> dict:
     plist = list(run.params.values())
     optimizer = make_optimizer(plist, run.loop_cfg)
-    ratios, step_s, raw_s, counts = [], [], [], None
+    timings: dict[str, list[float]] = {"step": [], "raw": [], "ratio": [], "wall_ratio": []}
+    passes: dict[str, list[int]] = {}
     for k in range(warmup + trials):
         before = dict(run.model.counters)
         gc.collect()
-        with recorded_unet_calls(run.model.unet) as calls:
-            start = time.perf_counter()
+        with recorded_unet_calls(run.model.unet) as calls, Stopwatch() as step:
             train_step(k, run.step_fn, optimizer, plist, run.loop_cfg)
-            seconds = time.perf_counter() - start
-        raw = replay(run.model.unet, calls, plist, backward_all=run.loss_inside)
+        raw_wall, raw_cpu = replay(run.model.unet, calls, plist, backward_all=run.loss_inside)
         counted = {key: run.model.counters[key] - before[key] for key in before}
         replayed = {"unet_forward": len(calls), "unet_forward_images": sum(len(c.sample) for c in calls),
                     "unet_backward": sum(c.backward for c in calls)}
@@ -146,14 +146,19 @@ def measure(run: Trainable, trials: int, warmup: int) -> dict:
         if counted != replayed:  # the replay must make exactly the passes the backend counted
             raise RuntimeError(f"replay mismatch: counters {counted}, replayed {replayed}")
         if k >= warmup:
-            ratios.append(seconds / raw)
-            step_s.append(seconds)
-            raw_s.append(raw)
-            counts = counted
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-    return {"step_ms": 1e3 * statistics.median(step_s), "raw_ms": 1e3 * statistics.median(raw_s),
-            "ratio": statistics.median(ratios), "iqr": (q1, q3), "range": (min(ratios), max(ratios)),
-            "passes": f"{counts['unet_forward']} / {counts['unet_forward_images']} / {counts['unet_backward']}"}
+            for key, value in (("step", step.cpu), ("raw", raw_cpu), ("ratio", step.cpu / raw_cpu),
+                               ("wall_ratio", step.wall / raw_wall)):
+                timings[key].append(value)
+            for key, value in counted.items():
+                passes.setdefault(key, []).append(value)
+    return {"step_ms": 1e3 * statistics.median(timings["step"]), "raw_ms": 1e3 * statistics.median(timings["raw"]),
+            "ratio": spread(timings["ratio"]), "wall_ratio": spread(timings["wall_ratio"]),
+            "passes": " / ".join(_range(passes[key]) for key in ("unet_forward", "unet_forward_images",
+                                                                  "unet_backward"))}
+
+
+def _range(values: list[int]) -> str:
+    return str(values[0]) if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
 
 def main() -> None:
@@ -179,12 +184,13 @@ def main() -> None:
             continue
         r = measure(run, args.trials, args.warmup)
         note = f" ({run.note})" if run.note else ""
+        cpu, wall = r["ratio"], r["wall_ratio"]
         rows.append(f"| {name}{note} | {run.batch_size} | {r['passes']} | {r['step_ms']:.1f} | {r['raw_ms']:.1f} | "
-                    f"{r['ratio']:.2f} | {r['iqr'][0]:.2f}-{r['iqr'][1]:.2f} | "
-                    f"{r['range'][0]:.2f}-{r['range'][1]:.2f} |")
+                    f"**{cpu['median']:.2f}** | {cpu['q1']:.2f}-{cpu['q3']:.2f}; {cpu['min']:.2f}-{cpu['max']:.2f} | "
+                    f"{wall['median']:.2f} ({wall['q1']:.2f}-{wall['q3']:.2f}) |")
         print(rows[-1], flush=True)
-    print("\n| method | batch | UNet passes per step (fwd calls / images / bwd) | step ms | raw ms | "
-          "ratio median | IQR | min-max |")
+    print("\n| method | batch | UNet passes per step (fwd calls / images / bwd) | step ms | raw ms | ratio median | "
+          "spread: IQR; min-max | wall-clock ratio median (IQR) |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if skipped:
