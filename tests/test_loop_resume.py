@@ -11,7 +11,7 @@ from conftest import build_tiny_model
 
 from diffunlearn.data import canvas
 from diffunlearn.engine import checkpoint as ckpt
-from diffunlearn.engine.loop import LoopConfig, StopRequested, lr_factor, run_loop, step_generator
+from diffunlearn.engine.loop import LoopConfig, StopRequested, lr_factor, make_optimizer, run_loop, step_generator
 
 PROMPTS = [canvas.full_prompt("striped", "circle"), canvas.object_prompt("ring")]
 
@@ -165,6 +165,34 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False))
     assert factors[-1] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 7 / 8)).item()))
     assert lr_factor(5, LoopConfig(steps=10, lr=1.0)) == 1.0
+
+
+def test_optimizers_use_the_fused_kernels_and_keep_the_update_rules():
+    """make_optimizer picks torch's fused kernels (speed); the updates stay Adam's, AdamW's and
+    SGD's, worked out by hand for two steps of w = [1, -2] with gradients g1 = [0.5, -1], g2 = [1, 1]."""
+    lr, b1, b2, eps, wd = 0.1, 0.9, 0.999, 1e-8, 0.5
+    g1, g2 = torch.tensor([0.5, -1.0]), torch.tensor([1.0, 1.0])
+
+    def adam_by_hand(w, decoupled_decay: float = 0.0):
+        m = v = torch.zeros(2)
+        for step, g in enumerate((g1, g2), start=1):
+            w = w * (1 - lr * decoupled_decay)
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            w = w - lr * (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps)
+        return w
+
+    w0 = torch.tensor([1.0, -2.0])
+    sgd_decay = w0 - lr * (g1 + wd * w0)
+    expected = {"adam": (0.0, adam_by_hand(w0)), "adamw": (wd, adam_by_hand(w0, wd)),
+                "sgd": (wd, sgd_decay - lr * (g2 + wd * sgd_decay))}
+    for kind, (decay, want) in expected.items():
+        p = torch.nn.Parameter(w0.clone())
+        optimizer = make_optimizer([p], LoopConfig(steps=2, lr=lr, optimizer=kind, weight_decay=decay))
+        assert optimizer.defaults["fused"] is True, kind
+        for g in (g1, g2):
+            p.grad = g.clone()
+            optimizer.step()
+        assert torch.allclose(p.detach(), want, atol=1e-6), (kind, p, want)
 
 
 # ---- checkpoint files ----------------------------------------------------------------------

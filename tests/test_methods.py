@@ -323,6 +323,37 @@ def test_erasediff_step_follows_retain_plus_lambda_forget(tiny_model_dir):
     assert all(p.grad is not None for _, p in model.named_trainable())
 
 
+def test_erasediff_update_and_its_cosines_from_the_gradient_inner_products(tiny_model_dir):
+    """The step builds d = grad_r + lambda grad_f tensor by tensor and logs cos(d, grad_r) and
+    cos(d, grad_f) from inner products: with a fixed lambda of 0 the update is grad_r itself, with
+    lambda 1 the difference of the two updates is grad_f, and the logged cosines are torch's
+    cosine_similarity of those flat vectors."""
+    from diffunlearn.backends.diffusers_t2i import T2IModel
+    from diffunlearn.engine.loop import step_generator
+    from diffunlearn.methods.erasediff import GradientDots
+
+    dots = GradientDots(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    assert dots.update_cosines(0.5) == pytest.approx((2**-0.5, 2**-0.5))  # d = [1, 1]
+    assert GradientDots(torch.tensor([1.0, 0.0]), torch.tensor([-2.0, 0.0])).update_cosines(0.5) == (0.0, 0.0)
+
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    model.set_trainable("xattn-kv")
+    task = UnlearningTask.create(["dotted"], images_per_pair=1)
+    updates, logs = {}, {}
+    for lam in (0.0, 1.0):
+        resolved = resolve_erase("erasediff", ["dotted"], model=tiny_model_dir, overrides=[
+            "method.batch_size=2", "method.param_group=xattn-kv", "method.lambda_mode=fixed",
+            f"method.lambda_fixed={lam}"])
+        logs[lam] = methods.get("erasediff")(resolved.method_config, model, task).step(0, step_generator(0, 0))
+        updates[lam] = torch.cat([p.grad.reshape(-1) for _, p in model.named_trainable()])
+    grad_r, grad_f = updates[0.0], updates[1.0] - updates[0.0]
+    assert logs[0.0]["cos_update_retain"] == pytest.approx(1.0, abs=1e-5)
+    cos = torch.nn.functional.cosine_similarity
+    assert logs[1.0]["cos_update_retain"] == pytest.approx(float(cos(updates[1.0], grad_r, dim=0)), abs=1e-4)
+    assert logs[1.0]["cos_update_forget"] == pytest.approx(float(cos(updates[1.0], grad_f, dim=0)), abs=1e-4)
+    assert float(grad_f.norm()) > 0
+
+
 def test_uce_closed_form_matches_a_direct_least_squares_solve():
     from diffunlearn.methods.uce import uce_solution
 

@@ -80,13 +80,22 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
+    """The configured optimizer, with torch's fused kernel where it has one for these tensors:
+    on CPU torch otherwise updates tensor by tensor in Python, which costs ~5% of a full-UNet
+    testbed step (benchmarks/step_overhead.py); the fused update is the same up to float rounding."""
+    fused = _fused_supported(params)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     raise ValueError(f"unknown optimizer '{cfg.optimizer}'; valid: adam, adamw, sgd")
+
+
+def _fused_supported(params: list[nn.Parameter]) -> bool:
+    """torch's fused Adam/AdamW/SGD kernels exist for floating-point tensors on CPU and CUDA."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
 def lr_factor(step: int, cfg: LoopConfig) -> float:
@@ -167,14 +176,7 @@ def run_loop(
         run_hooks(0)
     try:
         for step in range(start, cfg.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            logs = dict(step_fn(step, step_generator(cfg.seed, step)))
-            if cfg.grad_clip:
-                logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip))
-            _check_finite_logs(logs, step + 1, last_checkpoint)
-            optimizer.step()
+            logs = train_step(step, step_fn, optimizer, plist, cfg, last_checkpoint)
             if ema:
                 with torch.no_grad():
                     for n, p in params.items():
@@ -196,6 +198,22 @@ def run_loop(
         bar.close()
     seconds = elapsed + time.perf_counter() - t0
     return LoopResult(cfg.steps, curves, hook_rows, seconds, resumed_from=start, ema=ema)
+
+
+def train_step(step: int, step_fn: StepFn, optimizer: torch.optim.Optimizer, plist: list[nn.Parameter],
+               cfg: LoopConfig, last_checkpoint: int | None = None) -> dict[str, float]:
+    """One optimizer step of the loop: the step's learning rate, fresh gradients from `step_fn`
+    with this step's generator, clipping, the divergence check, the update. Returns the logs.
+    (benchmarks/step_overhead.py times exactly this against the raw UNet passes it needs.)"""
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_factor(step, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    logs = dict(step_fn(step, step_generator(cfg.seed, step)))
+    if cfg.grad_clip:
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip))
+    _check_finite_logs(logs, step + 1, last_checkpoint)
+    optimizer.step()
+    return logs
 
 
 def _check_finite_logs(logs: Mapping[str, float], step: int, last_checkpoint: int | None) -> None:
@@ -226,4 +244,4 @@ def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 __all__ = ["LoopConfig", "LoopResult", "StopRequested", "TrainingDiverged", "check_finite_weights", "run_loop",
-           "step_generator", "write_curves"]
+           "step_generator", "train_step", "write_curves"]

@@ -144,39 +144,61 @@ class EraseDiff(Method):
 
         loss_f = forget_loss(None)
         grad_f = torch.autograd.grad(loss_f, [params[n] for n in names])
-        phi = {n: params[n].detach().clone().requires_grad_(True) for n in names}
+        # phi starts at theta (sharing its storage: neither is changed in place) and descends on L_f
+        phi = [params[n].detach().requires_grad_(True) for n in names]
         for _ in range(cfg.inner_steps):
-            inner = forget_loss(phi)
-            grads = torch.autograd.grad(inner, [phi[n] for n in names])
-            phi = {n: (phi[n] - cfg.inner_lr * g).detach().requires_grad_(True) for n, g in zip(names, grads,
-                                                                                             strict=True)}
+            grads = torch.autograd.grad(forget_loss(dict(zip(names, phi, strict=True))), phi)
+            with torch.no_grad():
+                phi = [p.requires_grad_(True) for p in torch._foreach_add(phi, grads, alpha=-cfg.inner_lr)]
         with torch.no_grad():
-            value_g = float(loss_f.detach() - forget_loss(phi))
+            value_g = float(loss_f.detach() - forget_loss(dict(zip(names, phi, strict=True))))
 
         loss_r = term_losses([retain], model, [batch_r], gen)["retain"]
         grad_r = torch.autograd.grad(loss_r, [params[n] for n in names])
-        flat_f, flat_r = _flat(grad_f), _flat(grad_r)
-        lam = lambda_t(flat_r, flat_f, cfg.lambda_mode, cfg.eta_a, cfg.lambda_fixed)
-        direction = flat_r + lam * flat_f
-        for n, piece in zip(names, direction.split([params[n].numel() for n in names]), strict=True):
-            params[n].grad = piece.view_as(params[n]).clone()
+        dots = GradientDots(_flat(grad_r), _flat(grad_f))
+        lam = lambda_from_dots(dots, cfg.lambda_mode, cfg.eta_a, cfg.lambda_fixed)
+        # the update direction grad_r + lambda grad_f, tensor by tensor (out of place: autograd may hand
+        # two inputs one shared gradient tensor)
+        for n, direction in zip(names, torch._foreach_add(grad_r, grad_f, alpha=lam), strict=True):
+            params[n].grad = direction
+        cos_retain, cos_forget = dots.update_cosines(lam)
         loss_r, loss_f = float(loss_r.detach()), float(loss_f.detach())
         return {"loss": loss_r + lam * loss_f, "loss_retain": loss_r, "loss_forget": loss_f,
-                "g": value_g, "lambda_t": float(lam), "cos_update_retain": _cos(direction, flat_r),
-                "cos_update_forget": _cos(direction, flat_f)}
+                "g": value_g, "lambda_t": float(lam), "cos_update_retain": cos_retain,
+                "cos_update_forget": cos_forget}
+
+
+class GradientDots:
+    """The inner products of grad L_r and grad g that lambda_t and the logged cosines need, so
+    the update direction grad_r + lambda grad_g is never materialised as one flat vector:
+    d.r = rr + lambda rg, d.g = rg + lambda gg, ||d||^2 = rr + 2 lambda rg + lambda^2 gg."""
+
+    def __init__(self, grad_r: torch.Tensor, grad_g: torch.Tensor):
+        self.rr, self.gg, self.rg = float(grad_r @ grad_r), float(grad_g @ grad_g), float(grad_r @ grad_g)
+
+    def cos_r_g(self) -> float:
+        return _cos_from(self.rg, self.rr, self.gg)
+
+    def update_cosines(self, lam: float) -> tuple[float, float]:
+        """cos(d, grad_r) and cos(d, grad_g) for d = grad_r + lam * grad_g ([004] Fig. 2)."""
+        dd = max(0.0, self.rr + 2 * lam * self.rg + lam * lam * self.gg)
+        return _cos_from(self.rr + lam * self.rg, dd, self.rr), _cos_from(self.rg + lam * self.gg, dd, self.gg)
 
 
 def lambda_t(grad_r: torch.Tensor, grad_g: torch.Tensor, mode: str, eta_a: float, fixed: float = 0.1) -> float:
     """EraseDiff's multiplier for grad g in the update direction ([004] Alg. 1 and its code)."""
+    return lambda_from_dots(GradientDots(grad_r, grad_g), mode, eta_a, fixed)
+
+
+def lambda_from_dots(dots: GradientDots, mode: str, eta_a: float, fixed: float = 0.1) -> float:
     if mode == "fixed":
         return fixed
     if mode == "cos":
-        return max(0.0, eta_a - _cos(grad_r, grad_g))
-    norm_sq = float(grad_g.pow(2).sum())
-    if norm_sq == 0.0:
+        return max(0.0, eta_a - dots.cos_r_g())
+    if dots.gg == 0.0:
         return 0.0
-    a_t = eta_a * norm_sq
-    return max(0.0, (a_t - float(grad_g @ grad_r)) / norm_sq)
+    a_t = eta_a * dots.gg
+    return max(0.0, (a_t - dots.rg) / dots.gg)
 
 
 def _flat(grads) -> torch.Tensor:
@@ -185,7 +207,6 @@ def _flat(grads) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    import torch
-
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12))
+def _cos_from(dot: float, norm_sq_a: float, norm_sq_b: float) -> float:
+    """a.b / max(||a|| ||b||, 1e-12), from the inner products (torch's cosine_similarity, eps 1e-12)."""
+    return dot / max((norm_sq_a * norm_sq_b) ** 0.5, 1e-12)

@@ -171,17 +171,21 @@ class MACE(Method):
         each adapted weight's delta (B A * scaling) and remove the adapter."""
         from diffunlearn.engine.loop import run_loop
 
-        adapter = f"mace-{concept}"
-        # peft's 'gaussian' init is the official LoRALinearLayer's: A ~ N(0, 1/r), B = 0
-        params = self.backend.add_lora(adapter, self.backend.attention_projections("xattn-kv"), self.cfg.lora_rank,
-                                       init="gaussian")
+        params = self.add_concept_lora(concept)
         try:
             run_loop(params, lambda k, gen: self.attention_step(concept, gen), self.lora_loop_config(concept))
-            return self.backend.lora_deltas(adapter)
+            return self.backend.lora_deltas(f"mace-{concept}")
         finally:
             self.backend.remove_lora()
             self.backend.set_trainable(self.param_group())  # names are plain again; refresh grads
             self.backend.snapshot_teacher(self._original)
+
+    def add_concept_lora(self, concept: str) -> dict[str, torch.nn.Parameter]:
+        """Attach the concept's LoRA (adapter `mace-{concept}`) to the attn2 K/V projections and
+        return its parameters, the only trainable ones."""
+        # peft's 'gaussian' init is the official LoRALinearLayer's: A ~ N(0, 1/r), B = 0
+        return self.backend.add_lora(f"mace-{concept}", self.backend.attention_projections("xattn-kv"),
+                                     self.cfg.lora_rank, init="gaussian")
 
     def attention_step(self, concept: str, gen: torch.Generator) -> dict[str, float]:
         import torch

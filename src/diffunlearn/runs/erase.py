@@ -60,6 +60,15 @@ class _Loaded:
     judging: Any
 
 
+def load_erase(method: str, forget: list[str], retain: list[str] | None = None, model: str | Path | None = None,
+               config: str | Path | None = None, overrides: list[str] | None = None) -> _Loaded:
+    """The model, task, method (and its step count) that `erase` with these arguments would
+    train, loaded exactly as the run loads them but without a run directory: for benchmarks
+    and notebooks that drive a method's steps themselves (set the group trainable and call
+    `method.setup()` first, as the run does)."""
+    return _load_erase(resolve_erase(method, forget, retain, model, config, overrides), progress=False)
+
+
 def _load_erase(resolved: ResolvedRun, progress: bool) -> _Loaded:
     import torch
 
