@@ -32,7 +32,7 @@ def _env() -> dict[str, str]:
 
 
 def _check_complete(root: Path, recipe, nodes: int) -> list[dict]:
-    name = recipe.name if hasattr(recipe, "name") else load_recipe(recipe).name
+    name = load_recipe(recipe).name if isinstance(recipe, Path) else recipe.name
     store = Store(root / "results.sqlite")
     rows = store.runs(name)
     assert len(rows) == nodes and len({r["node"] for r in rows}) == nodes  # no duplicate, none missing
