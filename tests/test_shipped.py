@@ -58,6 +58,7 @@ def test_evaluators_classify_held_out_real_images(shipped):
     assert accuracy(evaluators, images, [o for _, o in flat], "object") >= 0.98
 
 
+@pytest.mark.slow  # samples the shipped model over the whole canvas: minutes on 2 cores
 def test_pretrained_generations_meet_the_quality_bar(shipped):
     """>= 90% of generations correct per domain on average, no concept below 70% (TESTBED.md)."""
     from diffunlearn.pretrain import generation_quality
