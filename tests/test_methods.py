@@ -338,7 +338,7 @@ def test_erasediff_update_and_its_cosines_from_the_gradient_inner_products(tiny_
 
     model = T2IModel.from_pretrained(tiny_model_dir)
     model.set_trainable("xattn-kv")
-    task = UnlearningTask.create(["dotted"], images_per_pair=1)
+    task = UnlearningTask.create(["dotted"], images_per_prompt=1)
     updates, logs = {}, {}
     for lam in (0.0, 1.0):
         resolved = resolve_erase("erasediff", ["dotted"], model=tiny_model_dir, overrides=[
