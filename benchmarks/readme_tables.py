@@ -22,12 +22,15 @@ def fmt(value, digits: int = 0, scale: float = 1.0) -> str:
     return f"{scale * value:.{digits}f}"
 
 
-def methods_table(frame) -> str:
-    """Name, paper, what it trains, testbed defaults and the measured forgetting of `dotted`."""
+FIGURES = ("UA", "IRA", "CRA", "SFID", "train_seconds")
+
+
+def methods_table(figures: dict[str, list]) -> str:
+    """Name, paper, what it trains, testbed defaults and the measured forgetting of one style:
+    `figures[name]` holds UA, IRA, CRA, SFID and training seconds; a method without figures
+    gets dashes. Shared with testbed_profiles.py, which measures the same rows directly."""
     from diffunlearn.methods import methods
 
-    rows = frame[(frame["kind"] == "erase") & (frame["status"] == "complete")].drop_duplicates("method")
-    by_method = rows.set_index("method")
     lines = ["| method | paper | trains | testbed defaults | UA | IRA | CRA | SFID | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in methods.names():
@@ -36,13 +39,15 @@ def methods_table(frame) -> str:
         shown = {k: v for k, v in cls.profiles["testbed"].items()
                  if k != "param_group" and not (cls.closed_form and k == "steps" and v == 0)}
         defaults = ", ".join(f"{k}={v}" for k, v in shown.items()) or "the shipped model's recipe"
-        if name in by_method.index:
-            r = by_method.loc[name]
-            result = " | ".join(fmt(r.get(k)) for k in ("UA", "IRA", "CRA", "SFID", "train_seconds"))
-        else:
-            result = "- | - | - | - | -"
+        result = " | ".join(fmt(v) for v in figures[name]) if name in figures else "- | - | - | - | -"
         lines.append(f"| `{name}` | {cls.paper} | {cls.trains} | {defaults} | {result} |")
     return "\n".join(lines)
+
+
+def erase_figures(frame) -> dict[str, list]:
+    """Each method's first complete erase run in a results frame, as methods_table's figures."""
+    rows = frame[(frame["kind"] == "erase") & (frame["status"] == "complete")].drop_duplicates("method")
+    return {r["method"]: [r.get(k) for k in FIGURES] for _, r in rows.iterrows()}
 
 
 def robustness_table(frame) -> str:
@@ -66,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     frame = diffunlearn.results("profiles", args.root)
     print("README methods table:\n")
-    print(methods_table(frame))
+    print(methods_table(erase_figures(frame)))
     print("\nREADME robustness table:\n")
     print(robustness_table(frame))
 

@@ -73,26 +73,15 @@ def main() -> None:
 
 
 def methods_table(rows: list[dict]) -> str:
-    """Name, paper, what it trains, testbed defaults and the measured forgetting of one style."""
-    from diffunlearn.methods import methods
+    """The README methods table (readme_tables.methods_table) from the testbed-profile runs of
+    one style."""
+    from readme_tables import methods_table as table
 
-    style = [r for r in rows if r["concept"] in STYLES]
-    lines = ["| method | paper | trains | testbed defaults | UA | IRA | CRA | SFID | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name in methods.names():
-        cls = methods.get(name)
-        # closed-form methods run no loop: their `steps=0` says nothing
-        shown = {k: v for k, v in cls.profiles["testbed"].items()
-                 if k != "param_group" and not (cls.closed_form and k == "steps" and v == 0)}
-        defaults = ", ".join(f"{k}={v}" for k, v in shown.items()) or "the shipped model's recipe"
-        mine = [r for r in style if r["method"] == name and r["is_default"]]
-        if mine:
-            r = mine[0]
-            result = f"{r['UA']:.0f} | {r['IRA']:.0f} | {r['CRA']:.0f} | {r['SFID']:.0f} | {r['seconds']:.0f}"
-        else:
-            result = "- | - | - | - | -"
-        lines.append(f"| `{name}` | {cls.paper} | {cls.trains} | {defaults} | {result} |")
-    return "\n".join(lines)
+    defaults = [r for r in rows if r["concept"] in STYLES and r["is_default"]]
+    figures: dict[str, list] = {}
+    for r in defaults:
+        figures.setdefault(r["method"], [r["UA"], r["IRA"], r["CRA"], r["SFID"], r["seconds"]])
+    return table(figures)
 
 
 def summary(method: str, concept: str, setting: str, run, is_default: bool = False) -> dict:
