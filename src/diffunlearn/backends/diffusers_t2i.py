@@ -22,6 +22,7 @@ from torch.func import functional_call
 from diffunlearn.backends.base import LINEAR_CONV, PARAM_GROUPS
 from diffunlearn.backends.model_dir import (
     META_FILE,
+    PREDICTION_TYPES,
     UNET_WEIGHTS,
     ModelDirError,
     base_path_of,
@@ -189,6 +190,13 @@ class T2IModel:
         self.autocast = False
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+        # the scheduler config as written (any scheduler class): the DDIM sampler is built from it, so
+        # keys a DDPMScheduler drops (set_alpha_to_one, ...) still count; `scheduler_dir` is where it was read
+        self.scheduler_config = dict(scheduler.config)
+        self.scheduler_dir: Path | None = None
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ModelDirError(f"scheduler prediction_type '{self.prediction_type}' is not supported; "
+                                f"supported: {', '.join(PREDICTION_TYPES)}")
         channels = unet.config.in_channels
         self.image_shape = (channels, unet.config.sample_size, unet.config.sample_size)  # the UNet's space
         vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
@@ -258,7 +266,8 @@ class T2IModel:
             return model
         unet = _load_component(UNet2DConditionModel, path, "unet", allow_pickle)
         text_encoder = _load_component(CLIPTextModel, path, "text_encoder", allow_pickle)
-        scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"), local_files_only=True)
+        scheduler_config = DDPMScheduler.load_config(str(path / "scheduler"), local_files_only=True)
+        scheduler = _training_scheduler(scheduler_config)
         if (path / "tokenizer" / "tokenizer_config.json").exists() and json.loads(
             (path / "tokenizer" / "tokenizer_config.json").read_text()).get("kind") == "word-level":
             tokenizer = WordTokenizer.load(path / "tokenizer")
@@ -271,6 +280,7 @@ class T2IModel:
             vae = _load_component(AutoencoderKL, path, "vae", allow_pickle)
         meta = meta or {"kind": "diffusers", "guidance_scale": 7.5, "sample_steps": 50, "latent": vae is not None}
         model = cls(unet.eval(), text_encoder, tokenizer, scheduler, vae=vae, meta=meta, device=device)
+        model.scheduler_config, model.scheduler_dir = dict(scheduler_config), path / "scheduler"
         model.path = path
         return model
 
@@ -288,8 +298,10 @@ class T2IModel:
         unet = UNet2DConditionModel.from_config(self.unet.config)
         text_encoder = (copy.deepcopy(self.text_encoder) if keep_text_encoder
                         else CLIPTextModel(self.text_encoder.config))
-        return T2IModel(unet, text_encoder, self.tokenizer, self.scheduler, vae=self.vae, meta=dict(self.meta),
-                        device=self.device)
+        model = T2IModel(unet, text_encoder, self.tokenizer, self.scheduler, vae=self.vae, meta=dict(self.meta),
+                         device=self.device)
+        model.scheduler_config, model.scheduler_dir = dict(self.scheduler_config), self.scheduler_dir
+        return model
 
     def text_encoder_hash(self) -> str:
         """SHA-256 of the text encoder's weights (names, dtypes, shapes and bytes), independent of
@@ -402,9 +414,46 @@ class T2IModel:
         with torch.no_grad():
             return self.vae.decode(x / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
+    def _alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(abar_t) and sqrt(1 - abar_t), shaped to broadcast over a batch like `like`."""
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device)
+        abar = self.alphas_cumprod[t.expand(like.shape[0]) if t.dim() == 0 else t]
+        abar = abar.to(like.device).view(-1, *([1] * (like.dim() - 1)))
+        return abar.sqrt(), (1 - abar).sqrt()
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        abar = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        alpha, sigma = self._alpha_sigma(t, x0)
+        return alpha * x0 + sigma * noise
+
+    # ---- the model's prediction space -----------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts, from the scheduler config: `epsilon` (SD 1.x, 2.x-base),
+        `v_prediction` (SD 2.x at 768 px) or `sample` (x0)."""
+        return str(self.scheduler.config.prediction_type)
+
+    def noise_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target of the denoising loss for x_t = add_noise(x0, noise, t), in the
+        model's own prediction space: `noise` (epsilon), v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0
+        (v_prediction; diffusers' DDPMScheduler.get_velocity), or x0 (sample). Every Gaussian- or
+        uniform-noise target of a loss goes through here, so a v model learns v, never eps."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        alpha, sigma = self._alpha_sigma(t, x0)
+        return alpha * noise - sigma * x0
+
+    def eps_and_x0(self, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise and the clean sample that a model `output` at (x_t, t) stands for, whatever
+        the prediction type (the conversions of diffusers' DDIMScheduler.step)."""
+        alpha, sigma = self._alpha_sigma(t, x_t)
+        if self.prediction_type == "epsilon":
+            return output, (x_t - sigma * output) / alpha
+        if self.prediction_type == "sample":
+            return (x_t - alpha * output) / sigma, output
+        return alpha * output + sigma * x_t, alpha * x_t - sigma * output
 
     def _autocast(self):
         if self.autocast:
@@ -572,9 +621,17 @@ class T2IModel:
         return torch.stack([torch.randn(self.image_shape, generator=torch.Generator().manual_seed(int(s)))
                             for s in seeds]).to(self.device)
 
+    def ddim_scheduler(self, steps: int):
+        """A DDIM sampler built from the model's own scheduler config (its beta schedule, spacing,
+        steps_offset, set_alpha_to_one, clipping, prediction type), set to `steps` steps."""
+        from diffusers import DDIMScheduler
+
+        ddim = _quietly(lambda: DDIMScheduler.from_config(self.scheduler_config))
+        ddim.set_timesteps(steps)
+        return ddim
+
     def ddim_timesteps(self, steps: int) -> list[int]:
-        stride = self.num_train_timesteps // steps
-        return [int(t) for t in range((steps - 1) * stride, -1, -stride)]
+        return [int(t) for t in self.ddim_scheduler(steps).timesteps]
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
@@ -602,21 +659,19 @@ class T2IModel:
         cond = self.encode(prompts)
         uncond = self.encode([""]).expand_as(cond)
         both = torch.cat([uncond, cond])
-        timesteps = self.ddim_timesteps(steps)
+        ddim = self.ddim_scheduler(steps)
+        timesteps = [int(t) for t in ddim.timesteps]
         if stop_at is not None and timesteps[0] <= stop_at:
             return x  # zero steps: the initial noise is already at the first timestep
-        clip = self.vae is None
+        # with a clipped x0 the step re-derives eps from it (Glide's and our original sampler's choice)
+        clipped = bool(ddim.config.clip_sample or ddim.config.thresholding)
         for i, t in enumerate(timesteps):
             tt = torch.full((2 * x.shape[0],), t, device=self.device, dtype=torch.long)
-            e_u, e_c = self.eps(torch.cat([x, x]), tt, both, params=params).chunk(2)
-            e = e_u + guidance * (e_c - e_u)
-            abar = self.alphas_cumprod[t]
-            abar_prev = self.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0)
-            x0 = (x - (1 - abar).sqrt() * e) / abar.sqrt()
-            if clip:
-                x0 = x0.clamp(-1, 1)
-                e = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-            x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * e
+            out_u, out_c = self.eps(torch.cat([x, x]), tt, both, params=params).chunk(2)
+            # guidance in the model's own space: eps, v and x0 are affine in each other at a fixed
+            # (x_t, t) and the weights sum to one, so this equals guiding the noise
+            out = out_u + guidance * (out_c - out_u)
+            x = ddim.step(out, t, x, eta=0.0, use_clipped_model_output=clipped).prev_sample
             if stop_at is not None and i + 1 < len(timesteps) and timesteps[i + 1] <= stop_at:
                 return x
         return x
@@ -651,6 +706,27 @@ def _load_component(model_cls, path: Path, component: str, allow_pickle: bool):
         raise ModelDirError(f"{weights} does not match {component}/config.json ({which})")
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     return model
+
+
+def _training_scheduler(config: Mapping):
+    """The DDPM noise schedule (betas, alphas_cumprod, prediction type) of any scheduler config:
+    PNDM, DDIM, Euler, DPM-Solver... configs share these keys; the rest is sampling detail."""
+    from diffusers import DDPMScheduler
+
+    return _quietly(lambda: DDPMScheduler.from_config(config))
+
+
+def _quietly(make):
+    """diffusers logs every config key a scheduler class does not take (a PNDM config read as
+    DDPM); those keys are sampling details of the other class, so the notes are noise here."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return make()
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _one_line(err: BaseException, limit: int = 160) -> str:

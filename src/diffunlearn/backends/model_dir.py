@@ -22,6 +22,7 @@ WEIGHT_FILES = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytor
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # what the content hash reads: every weight format, configs, and the tokenizer's vocabulary files
 HASHED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".msgpack", ".h5", ".onnx", *PICKLE_SUFFIXES)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a UNet may predict (scheduler prediction_type)
 MAX_BASE_CHAIN = 8  # run folders nest (an attack on an erase run on a model); no real chain is longer
 
 
@@ -126,7 +127,7 @@ def _check_model_dir(path: Path, allow_pickle: bool, chain: list[Path]) -> dict:
         return meta
     unet_config = _read_json(_needed(path, "unet/config.json"))
     text_config = _read_json(_needed(path, "text_encoder/config.json"))
-    _read_json(_needed(path, "scheduler/scheduler_config.json"))
+    _check_scheduler(path, _read_json(_needed(path, "scheduler/scheduler_config.json")))
     _check_tokenizer(path)
     weights = {c: component_weights(path, c, allow_pickle) for c in ("unet", "text_encoder")}
     if (path / "vae").exists():
@@ -143,6 +144,13 @@ def _needed(path: Path, part: str) -> Path:
     if not (path / part).is_file():
         raise ModelDirError(f"{path} is not a model folder: missing {part}")
     return path / part
+
+
+def _check_scheduler(path: Path, config: dict) -> None:
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ModelDirError(f"{path}/scheduler: prediction_type {str(prediction)[:40]!r} is not supported; supported: "
+                            f"{', '.join(PREDICTION_TYPES)}")
 
 
 def _check_tokenizer(path: Path) -> None:
