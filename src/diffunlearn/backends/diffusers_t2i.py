@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from diffunlearn.backends.base import LINEAR_CONV, PARAM_GROUPS
 from diffunlearn.backends.model_dir import (
+    CHANGED_UNET_WEIGHTS,
     META_FILE,
     PREDICTION_TYPES,
     UNET_WEIGHTS,
@@ -28,7 +29,9 @@ from diffunlearn.backends.model_dir import (
     base_path_of,
     check_model_dir,
     component_weights,
+    model_components,
     model_content_hash,
+    read_meta,
 )
 from diffunlearn.io import atomic_write_text
 from diffunlearn.registry import UnknownNameError
@@ -244,7 +247,7 @@ class T2IModel:
         from transformers import CLIPTextModel
 
         _quiet_hub_progress()
-        if meta.get("base"):
+        if meta.get("base") and not meta.get("self_contained"):  # the changed-tensors-only layout of older runs
             base_path = base_path_of(path, meta)
             model = cls.from_pretrained(base_path, device, allow_pickle)
             if model.content_hash() != meta["base"]["hash"]:
@@ -322,44 +325,78 @@ class T2IModel:
         self._prompt_cache.clear()
 
     def save_pretrained(self, path: str | Path, changed_only: bool = False) -> None:
-        """Write a diffusers-layout folder; with `changed_only`, the UNet tensors that differ
-        from the teacher snapshot plus a reference (path and hash) to the base model."""
+        """Write a complete model folder: a Stable Diffusion-layout model's loads untouched with
+        diffusers' `StableDiffusionPipeline.from_pretrained(path)`.
+
+        `changed_only` (a run's model): the folder is still complete, but every file but the
+        UNet's weights is a hard link to (or, across file systems, a copy of) the unchanged file
+        of the folder the model was loaded from, so it costs no disk space; the UNet's full
+        weights are written, and beside them `unet_changed.safetensors` holds only the tensors
+        that differ from the base model, whose path and content hash `diffunlearn.json` records."""
         from diffunlearn.engine.checkpoint import atomic_save_tensors
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta)
+        source = self._complete_source()
         if changed_only:
             if self.path is None:
                 raise ValueError("changed_only needs a model loaded from a folder (the base)")
             base = self.meta.get("base") or {"path": str(self.path.resolve()), "hash": self.content_hash()}
             full = dict(self.unet.state_dict())
             names = sorted(set(self._teacher) | set(self.meta.get("changed_params", [])))
-            tensors = {n: full[n].detach().contiguous().cpu() for n in names}
-            (path / "unet").mkdir(exist_ok=True)
-            atomic_save_tensors(tensors, path / UNET_WEIGHTS)
-            meta.update(base=base, changed_params=names)
+            atomic_save_tensors({n: full[n] for n in names}, path / CHANGED_UNET_WEIGHTS, metadata={"format": "pt"})
+            meta.update(base=base, changed_params=names, self_contained=True)
         else:
-            self.unet.save_pretrained(str(path / "unet"), safe_serialization=True)
-            self.text_encoder.save_pretrained(str(path / "text_encoder"), safe_serialization=True)
-            self.tokenizer.save(path / "tokenizer")
-            self.scheduler.save_pretrained(str(path / "scheduler"))
-            if self.vae is not None:
-                self.vae.save_pretrained(str(path / "vae"), safe_serialization=True)
-            for sub in ("unet", "vae"):
-                _drop_load_path(path / sub / "config.json")
             meta.pop("base", None)
             meta.pop("changed_params", None)
-        atomic_write_text(path / "model_index.json", json.dumps(self._model_index(full=not changed_only), indent=2))
+            meta.pop("self_contained", None)
+        if source is not None and changed_only:
+            _link_components(source, path)
+            (path / "unet").mkdir(exist_ok=True)
+            atomic_save_tensors(dict(self.unet.state_dict()), path / UNET_WEIGHTS, metadata={"format": "pt"})
+        else:
+            self._write_components(path)
+        if source is None or not changed_only or not (path / "model_index.json").exists():
+            atomic_write_text(path / "model_index.json", json.dumps(self._model_index(), indent=2))
         atomic_write_text(path / META_FILE, json.dumps(meta, indent=2))  # written last: it makes the folder a model
 
-    def _model_index(self, full: bool) -> dict:
-        """diffusers' model_index.json: a full folder of a latent model with CLIP's tokenizer is a
-        Stable Diffusion folder (StableDiffusionPipeline loads it untouched, without a safety
-        checker); anything else is our own layout, read by `from_pretrained` only."""
+    def _complete_source(self) -> Path | None:
+        """The folder this model was loaded from, if it holds every component itself (not a run
+        folder of the changed-tensors-only layout older versions wrote)."""
+        if self.path is None or not (self.path / "model_index.json").exists():
+            return None
+        meta = read_meta(self.path)
+        return self.path if not meta.get("base") or meta.get("self_contained") else None
+
+    def _write_components(self, path: Path) -> None:
+        """Every component from memory (the scheduler config and tokenizer files copied from
+        where they were read, byte for byte, so a re-saved model keeps its hash)."""
+        for sub in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
+            _break_hard_links(path / sub)  # never write through a link into another folder's file
+        self.unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+        self.text_encoder.save_pretrained(str(path / "text_encoder"), safe_serialization=True)
+        self.tokenizer.save(path / "tokenizer")
+        if self.scheduler_dir is not None and (self.scheduler_dir / "scheduler_config.json").is_file():
+            (path / "scheduler").mkdir(exist_ok=True)
+            config = "scheduler_config.json"
+            if self.scheduler_dir.resolve() != (path / "scheduler").resolve():
+                shutil.copyfile(self.scheduler_dir / config, path / "scheduler" / config)
+        else:
+            self.scheduler.save_pretrained(str(path / "scheduler"))
+        if self.vae is not None:
+            self.vae.save_pretrained(str(path / "vae"), safe_serialization=True)
+        for sub in ("unet", "vae"):
+            _drop_load_path(path / sub / "config.json")
+
+    def _model_index(self) -> dict:
+        """diffusers' model_index.json: a latent model with CLIP's tokenizer is a Stable Diffusion
+        folder (StableDiffusionPipeline loads it untouched, without a safety checker); anything
+        else is our own layout, read by `from_pretrained` only."""
+        scheduler_class = self.scheduler_config.get("_class_name") or type(self.scheduler).__name__
         components = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-                      "scheduler": ["diffusers", type(self.scheduler).__name__]}
-        if not (full and self.vae is not None and isinstance(self.tokenizer, HFTokenizer)):
+                      "scheduler": ["diffusers", scheduler_class]}
+        if not (self.vae is not None and isinstance(self.tokenizer, HFTokenizer)):
             return {"_class_name": "DiffunlearnT2I", "_diffusers_version": _diffusers_version(), **components}
         return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(), **components,
                 "vae": ["diffusers", type(self.vae).__name__], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -727,6 +764,37 @@ def _quietly(make):
         return make()
     finally:
         diffusers_logging.set_verbosity(level)
+
+
+def _link_components(source: Path, path: Path) -> None:
+    """Hard-link (or copy) every file of `source`'s components into `path`, except the UNet's
+    weights (written fresh), and its model_index.json: unchanged files, no disk space, and no
+    symbolic link that would point outside the folder."""
+    import os
+
+    files = [source / "model_index.json"] if (source / "model_index.json").is_file() else []
+    for component in model_components(source):
+        files += [f for f in sorted((source / component).rglob("*")) if f.is_file()
+                  and not (component == "unet" and f.name != "config.json")]
+    for file in files:
+        target = path / file.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        real = file.resolve()  # a hub cache snapshot's files are symbolic links to its blobs
+        try:
+            os.link(real, target)
+        except OSError:
+            shutil.copyfile(real, target)
+
+
+def _break_hard_links(folder: Path) -> None:
+    """Remove the files in `folder` that share their data with another folder (a hard link made
+    by `_link_components`), so that writing them anew cannot change the other folder's file."""
+    if folder.is_dir():
+        for file in folder.rglob("*"):
+            if file.is_file() and not file.is_symlink() and file.stat().st_nlink > 1:
+                file.unlink()
 
 
 def _one_line(err: BaseException, limit: int = 160) -> str:

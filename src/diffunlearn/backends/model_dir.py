@@ -1,8 +1,12 @@
 """Torch-free checks and hashing of model folders, so bad input fails before torch loads.
 
-A model folder is either a full diffusers-style folder (unet/, text_encoder/, tokenizer/,
-scheduler/, optional vae/) or an erase run's folder whose `diffunlearn.json` names a base
-model by path and content hash and whose unet/ holds only the changed tensors.
+A model folder is a full diffusers-style folder (unet/, text_encoder/, tokenizer/,
+scheduler/, optional vae/; a Stable Diffusion one loads with StableDiffusionPipeline). A run's
+model folder is one too (`self_contained` in its `diffunlearn.json`): its unchanged files are
+hard links to its base model's, its UNet weights are complete, `unet_changed.safetensors` holds
+the tensors that differ from the base, and `diffunlearn.json` names the base by path and content
+hash. Older runs wrote only the changed tensors (in unet/) and need their base to load; such
+folders still load.
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from pathlib import Path
 
 META_FILE = "diffunlearn.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+# a run's model folder: the UNet tensors that differ from its base model (the full UNet is in UNET_WEIGHTS)
+CHANGED_UNET_WEIGHTS = "unet_changed.safetensors"
+# component folders of a model (besides any model_index.json names): what a run's model links from its base
+STANDARD_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
 TEXT_WEIGHTS = "text_encoder/model.safetensors"
 # each component's safetensors file and the pickle its library would fall back to
 WEIGHT_FILES = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
@@ -119,7 +127,7 @@ def _check_model_dir(path: Path, allow_pickle: bool, chain: list[Path]) -> dict:
     if len(chain) >= MAX_BASE_CHAIN:
         raise ModelDirError(f"model folder {chain[0]}: base chain longer than {MAX_BASE_CHAIN} folders")
     meta = read_meta(path)
-    if meta.get("base"):
+    if meta.get("base") and not meta.get("self_contained"):  # the changed-tensors-only layout of older runs
         _check_model_dir(base_path_of(path, meta), allow_pickle, [*chain, here])
         if not (path / UNET_WEIGHTS).exists():
             raise ModelDirError(f"run model folder {path} has no {UNET_WEIGHTS}")
@@ -192,6 +200,19 @@ def hash_files(paths: list[Path]) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def model_components(path: Path) -> list[str]:
+    """The component folders of a model folder: the standard five that exist and every other
+    one its model_index.json names with a class (a hub folder's safety_checker, feature_extractor)."""
+    names = [c for c in STANDARD_COMPONENTS if (path / c).is_dir()]
+    index = path / "model_index.json"
+    if index.is_file():
+        for key, value in _read_json(index).items():
+            if (isinstance(value, list) and value and value[0] is not None and key not in names
+                    and (path / key).is_dir() and "/" not in key and not key.startswith(".")):
+                names.append(key)
+    return names
 
 
 def model_content_hash(path: str | Path) -> str:
