@@ -5,6 +5,8 @@ never from our own implementation's output."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,70 @@ def test_the_clip_context_is_77_tokens_never_the_testbeds(v_model):
     assert len(positions) >= 2 and positions[0] > 16
     assert v_model.encode([prompt]).shape == (1, 77, 32)
     assert v_model.tokenizer([prompt]).shape == (1, 77)
+
+
+# ---- single-file checkpoints ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def single_file(sd_pipeline_dir, tmp_path):
+    """The SD 1.x-style folder as one original-layout checkpoint, plus its configs without weights."""
+    import shutil
+
+    from ldm_checkpoint import ldm_checkpoint
+
+    config = tmp_path / "config"
+    shutil.copytree(sd_pipeline_dir, config, ignore=shutil.ignore_patterns("*.safetensors"))
+    return ldm_checkpoint(sd_pipeline_dir), config
+
+
+def _same_weights(folder, reference) -> None:
+    from safetensors.torch import load_file
+
+    for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
+        ours, theirs = (load_file(str(f / f"{part}.safetensors")) for f in (folder, reference))
+        assert set(ours) == set(theirs), part
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), part
+
+
+def test_a_single_safetensors_file_with_a_config_folder_erases_and_loads(single_file, sd_pipeline_dir, tmp_path,
+                                                                          one_thread):
+    """diffusers' from_single_file converts it offline (exactly: every tensor equals the folder it
+    was made from), once; the erase run on it writes a model StableDiffusionPipeline loads."""
+    import json
+
+    from safetensors.torch import save_file
+    from test_sd_cli import assert_pipeline_loads_our_weights, erase
+
+    checkpoint, config = single_file
+    save_file(checkpoint, str(tmp_path / "sd-v1.safetensors"))
+    out = erase("esd-x", tmp_path / "sd-v1.safetensors", tmp_path / "run", f"model.config={config}")
+    converted = Path(json.loads((out / "model" / "diffunlearn.json").read_text())["base"]["path"])
+    _same_weights(converted, sd_pipeline_dir)
+    meta = json.loads((converted / "diffunlearn.json").read_text())
+    assert meta["converted_from"]["file"] == str((tmp_path / "sd-v1.safetensors").resolve())
+    assert_pipeline_loads_our_weights(out / "model", converted)
+    stamp = (converted / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    erase("uce", tmp_path / "sd-v1.safetensors", tmp_path / "run2", f"model.config={config}")
+    assert (converted / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp  # converted once
+
+
+def test_a_pickled_ckpt_is_read_only_with_weights_only(single_file, sd_pipeline_dir, tmp_path, monkeypatch):
+    """A Lightning-style .ckpt ({'state_dict': ...}) is read by torch.load(weights_only=True) and
+    nothing else: diffusers sees a safetensors copy."""
+    from diffunlearn.runs.resolve import resolve_erase
+
+    checkpoint, config = single_file
+    torch.save({"state_dict": checkpoint, "global_step": 7}, tmp_path / "sd-v1.ckpt")
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    resolved = resolve_erase("uce", ["van gogh"], model=tmp_path / "sd-v1.ckpt",
+                             overrides=[f"model.config={config}", "model.allow_pickle=true"])
+    assert calls == [True]
+    _same_weights(resolved.model_dir, sd_pipeline_dir)

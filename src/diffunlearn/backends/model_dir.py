@@ -32,6 +32,16 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HASHED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".msgpack", ".h5", ".onnx", *PICKLE_SUFFIXES)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a UNet may predict (scheduler prediction_type)
 MAX_BASE_CHAIN = 8  # run folders nest (an attack on an erase run on a model); no real chain is longer
+# model_index.json classes diffunlearn loads: Stable Diffusion 1.x/2.x, and its own testbed layout
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "DiffunlearnT2I")
+SUPPORTED = ("supported: Stable Diffusion 1.x/2.x (a StableDiffusionPipeline folder, or one .safetensors file "
+             "with model.config=FOLDER) and the shipped testbeds")
+# the families people try, by the model_index.json class or the folder a layout has that SD lacks
+FAMILIES = {"StableDiffusionXL": "SDXL", "Flux": "Flux", "StableDiffusion3": "SD3", "PixArt": "PixArt",
+            "Kandinsky": "Kandinsky", "IF": "DeepFloyd IF", "Wuerstchen": "Wuerstchen",
+            "StableCascade": "Stable Cascade", "Sana": "Sana", "AuraFlow": "AuraFlow", "HunyuanDiT": "Hunyuan-DiT",
+            "Lumina": "Lumina", "LatentConsistency": "LCM", "StableDiffusionInpaint": "SD inpainting",
+            "StableDiffusionDepth2Img": "SD depth-to-image", "StableDiffusionUpscale": "SD upscaler"}
 
 
 class ModelDirError(ValueError):
@@ -133,6 +143,7 @@ def _check_model_dir(path: Path, allow_pickle: bool, chain: list[Path]) -> dict:
             raise ModelDirError(f"run model folder {path} has no {UNET_WEIGHTS}")
         read_safetensors_header(path / UNET_WEIGHTS)
         return meta
+    check_supported_layout(path)
     unet_config = _read_json(_needed(path, "unet/config.json"))
     text_config = _read_json(_needed(path, "text_encoder/config.json"))
     _check_scheduler(path, _read_json(_needed(path, "scheduler/scheduler_config.json")))
@@ -146,6 +157,38 @@ def _check_model_dir(path: Path, allow_pickle: bool, chain: list[Path]) -> dict:
     if weights["unet"].suffix == ".safetensors":
         _check_unet_fits(path, unet_config, text_config, read_safetensors_header(weights["unet"]))
     return meta
+
+
+def check_supported_layout(path: Path) -> None:
+    """A folder of a model family diffunlearn does not load (SDXL, Flux, SD3, inpainting...) is
+    one line naming what it is and what is supported, before anything else is read."""
+    index = path / "model_index.json"
+    name = _short(path)
+    if index.is_file():
+        pipeline = _read_json(index).get("_class_name")
+        if isinstance(pipeline, str) and pipeline not in SUPPORTED_PIPELINES:
+            family = next((f for prefix, f in FAMILIES.items() if pipeline.startswith(prefix)), None)
+            what = f"a {pipeline[:60]} model" + (f" ({family})" if family else "")
+            raise ModelDirError(f"{name} holds {what}, which diffunlearn does not load; {SUPPORTED}")
+    for part, what in (("text_encoder_2", "a second text encoder (SDXL-style)"),
+                       ("transformer", "a diffusion transformer (Flux/SD3-style)")):
+        if (path / part).is_dir():
+            raise ModelDirError(f"{name} holds {what}, which diffunlearn does not load; {SUPPORTED}")
+    unet = path / "unet" / "config.json"
+    if unet.is_file():
+        config = _read_json(unet)
+        if config.get("addition_embed_type"):
+            raise ModelDirError(f"{name}/unet takes extra conditioning ({str(config['addition_embed_type'])[:30]}, "
+                                f"SDXL-style), which diffunlearn does not load; {SUPPORTED}")
+        if config.get("in_channels") != config.get("out_channels", config.get("in_channels")):
+            raise ModelDirError(f"{name}/unet takes {config.get('in_channels')} input channels for "
+                                f"{config.get('out_channels')} output ones (inpainting/depth-style), which "
+                                f"diffunlearn does not load; {SUPPORTED}")
+
+
+def _short(path: Path, limit: int = 80) -> str:
+    text = str(path)
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
 
 
 def _needed(path: Path, part: str) -> Path:
