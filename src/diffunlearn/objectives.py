@@ -73,9 +73,23 @@ class TermBatch:
     t: torch.Tensor
     prompts: dict[str, list[str]]  # prompt kind -> one prompt per image
     x_t: torch.Tensor | None = None  # set for generated batches, which have no x0 or noise
+    # data-parallel: the rows of the global batch this process holds, out of `full` (engine/distributed.py)
+    rows: slice | None = None
+    full: int | None = None
 
     def noisy(self, backend: Backend) -> torch.Tensor:
         return self.x_t if self.x_t is not None else backend.add_noise(self.x0, self.noise, self.t)
+
+    def shard(self, rows: slice | None) -> TermBatch:
+        """This process's rows of the batch (itself with one process)."""
+        if rows is None:
+            return self
+
+        def cut(x):
+            return None if x is None else x[rows]
+
+        return TermBatch(cut(self.x0), cut(self.noise), self.t[rows], {k: v[rows] for k, v in self.prompts.items()},
+                         x_t=cut(self.x_t), rows=rows, full=len(self.t))
 
 
 def sample_items(task: UnlearningTask, source: ImageSource, n: int, gen: torch.Generator):
@@ -178,7 +192,7 @@ def term_losses(terms: list[Term], backend: Backend, batches: list[TermBatch],
                 raise ValueError(f"term '{term.name}': a {term.target} noise target needs images, not generated x_t")
             # the noise (the Gaussian that made x_t, or U(0, I) in its place) as the model's own
             # prediction space states it: the noise itself for eps, sqrt(abar) u - sqrt(1 - abar) x0 for v
-            noise = b.noise if term.target == "gaussian" else torch.rand(pred.shape, generator=gen).to(pred.device)
+            noise = b.noise if term.target == "gaussian" else _uniform(pred, b, gen)
             target = backend.noise_target(b.x0, noise, b.t)
         elif term.target == "teacher":
             target = next(frozen)
@@ -190,6 +204,16 @@ def term_losses(terms: list[Term], backend: Backend, batches: list[TermBatch],
         diff = pred - target
         losses[term.name] = diff.pow(2).mean() if term.norm == "squared" else diff.flatten(1).norm(dim=1).mean()
     return losses
+
+
+def _uniform(pred: torch.Tensor, batch: TermBatch, gen: torch.Generator) -> torch.Tensor:
+    """U(0, I) noise for a batch: drawn for the whole global batch, so a data-parallel process
+    holds the rows one process would have drawn for them."""
+    import torch
+
+    if batch.rows is None:
+        return torch.rand(pred.shape, generator=gen).to(pred.device)
+    return torch.rand((batch.full, *pred.shape[1:]), generator=gen)[batch.rows].to(pred.device)
 
 
 def _batched(fn, requests: list[tuple[torch.Tensor, torch.Tensor, list[str]]], backend: Backend):
@@ -206,7 +230,10 @@ def _batched(fn, requests: list[tuple[torch.Tensor, torch.Tensor, list[str]]], b
 def compute_loss(terms: list[Term], backend: Backend, task: UnlearningTask, batch_size: int,
                  gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of `terms` on freshly drawn batches, and each term's value for the curves."""
-    batches = [make_batch(backend, task, term, batch_size, gen) for term in terms]
+    from diffunlearn.engine.distributed import shard_rows
+
+    rows = shard_rows(batch_size)  # every process draws the global batch and keeps its rows
+    batches = [make_batch(backend, task, term, batch_size, gen).shard(rows) for term in terms]
     losses = term_losses(terms, backend, batches, gen)
     total = sum(term.weight * losses[term.name] for term in terms)
     logs = {f"loss_{name}": float(v.detach()) for name, v in losses.items()}

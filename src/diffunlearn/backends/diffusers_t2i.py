@@ -497,18 +497,40 @@ class T2IModel:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute the UNet's activations in the backward pass (diffusers' own checkpointing)."""
+        return bool(self.unet.is_gradient_checkpointing)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        if on:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
             params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         if t.dim() == 0:
             t = t.expand(x_t.shape[0])
         self.counters["unet_forward"] += 1
         self.counters["unet_forward_images"] += int(x_t.shape[0])
-        with self._autocast():
-            if params:
-                out = functional_call(self.unet, dict(params), (x_t, t), {"encoder_hidden_states": cond},
-                                      strict=False)
-            else:
-                out = self.unet(x_t, t, encoder_hidden_states=cond)
+        # a checkpointed block recomputes its forward in the backward pass with the module's own
+        # weights, which functional_call has restored by then: a forward under substituted weights
+        # that needs gradients (EraseDiff's phi) runs without checkpointing
+        substituted = bool(params) and torch.is_grad_enabled() and self.gradient_checkpointing
+        if substituted:
+            self.unet.disable_gradient_checkpointing()
+        try:
+            with self._autocast():
+                if params:
+                    out = functional_call(self.unet, dict(params), (x_t, t), {"encoder_hidden_states": cond},
+                                          strict=False)
+                else:
+                    out = self.unet(x_t, t, encoder_hidden_states=cond)
+        finally:
+            if substituted:
+                self.unet.enable_gradient_checkpointing()
         out = out.sample.float() if hasattr(out, "sample") else out[0].float()
         if out.requires_grad:
             out.register_hook(self._count_backward)
@@ -639,13 +661,20 @@ class T2IModel:
         store: dict[str, list[torch.Tensor]] = {}
         modules = {name: m for name, m in self.unet.named_modules() if name.endswith("attn2")}
         saved = {name: m.processor for name, m in modules.items()}
+        # a checkpointed block would recompute its forward in the backward pass, after this context
+        # has put the SDPA processors back: the maps' gradients need the forward kept as it ran
+        checkpointing = self.gradient_checkpointing
         try:
+            if checkpointing:
+                self.unet.disable_gradient_checkpointing()
             for name, m in modules.items():
                 m.set_processor(_CapturingProcessor(name, store))
             yield store
         finally:
             for name, m in modules.items():
                 m.set_processor(saved[name])
+            if checkpointing:
+                self.unet.enable_gradient_checkpointing()
 
     # ---- sampling ----------------------------------------------------------------------
     @property

@@ -171,10 +171,21 @@ class ResolvedRun:
     def run_id(self) -> str:
         data = self.as_dict()
         data["model"] = {"hash": self.model_hash}  # the path may differ between machines
+        _drop_resource_settings(data["method"])
         return config_hash({"config": data, "versions": self.versions})
 
     def default_out(self) -> Path:
         return Path("runs") / f"{self.method}-{self.run_id}"
+
+
+# settings that change memory or speed but not a single number of the result: like --threads and
+# --device they are recorded in config.yaml but not hashed into the run id
+RESOURCE_SETTINGS = ("gradient_checkpointing",)
+
+
+def _drop_resource_settings(section: dict[str, Any]) -> None:
+    for key in RESOURCE_SETTINGS:
+        section.pop(key, None)
 
 
 def model_entry(model_dir: Path, model_hash: str, allow_pickle: bool) -> dict[str, Any]:
@@ -413,6 +424,7 @@ class ResolvedAttack:
         data = self.as_dict()
         data["model"] = {"hash": self.model_hash}
         data.pop("original")  # a path; the attacked model's hash already pins its base
+        _drop_resource_settings(data["attack"])
         return config_hash({"config": data, "versions": self.versions})
 
     def default_out(self) -> Path:
