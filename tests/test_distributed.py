@@ -95,3 +95,33 @@ def test_a_batch_splits_into_contiguous_equal_shares(monkeypatch):
     assert part.full == 4
     with pytest.raises(ValueError, match="make batch_size a multiple of 2"):
         distributed.shard_rows(3)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_trains_an_erase_run_on_two_processes(sd_pipeline_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo when there is no GPU) runs one erase
+    run: one run directory, written by process 0, with the weights of a single-process run."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from diffunlearn.backends.model_dir import CHANGED_UNET_WEIGHTS
+
+    launcher = shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("accelerate's launcher is not on PATH")
+    args = ["erase", "core", "--model", str(sd_pipeline_dir), "--forget", "van gogh", "--retain", "claude monet",
+            "--threads", "1", "eval.enabled=false", "method.steps=2", "method.batch_size=2", "task.images_per_prompt=2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    two = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffunlearn.cli", *args,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("starts in") == 1  # one process claimed the run directory
+    one = subprocess.run([sys.executable, "-m", "diffunlearn.cli", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / k / "model" / CHANGED_UNET_WEIGHTS)) for k in ("one", "two"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -99,3 +99,18 @@ def test_device_is_checked_before_anything_loads(tiny_model_dir, tmp_path):
                                           "--device", "cuda", "--out", str(tmp_path / "y")])
         assert result.exit_code == 2 and "CUDA is not available" in result.stderr
         assert not (tmp_path / "y").exists()
+
+
+def test_the_gpu_benchmark_says_in_one_line_why_it_has_nothing_to_measure(capsys, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "sd_gpu.py"
+    spec = importlib.util.spec_from_file_location("sd_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", str(tmp_path / "no-weights")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    expected = "no Stable Diffusion weights" if torch.cuda.is_available() else "no CUDA GPU here"
+    assert expected in lines[0]

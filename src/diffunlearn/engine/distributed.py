@@ -97,7 +97,7 @@ def average_logs(logs: Mapping[str, float]) -> dict[str, float]:
     _, size = world()
     if size == 1:
         return dict(logs)
-    keys = sorted(logs)
+    keys = list(logs)  # the same keys in the same order in every process: they run the same step
     values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(values)
     return {k: float(v) / size for k, v in zip(keys, values, strict=True)}
