@@ -413,6 +413,8 @@ CASES = [
                                         "model.config={w}/cfg", "--allow-pickle"], "Weights only load failed",
          several(single_file("sd.ckpt"), lambda w, m: add_part("vae")(w / "cfg")), torch=True),
     Case("model-config-for-a-folder", [*E, "model.config={w}"], "model.config is for a single-file checkpoint"),
+    Case("evaluate-single-file", ["evaluate", "--model", "{w}/sd.safetensors", "--forget", "dotted"],
+         "is a single-file checkpoint", single_file("sd.safetensors", config=False)),
     # evaluators
     Case("evaluators-truncated", [*E, "eval.evaluator=canvas:{w}/ev"], "corrupt safetensors",
          evaluators(truncate("style.safetensors"))),

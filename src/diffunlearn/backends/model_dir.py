@@ -130,6 +130,9 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> dict:
 
 def _check_model_dir(path: Path, allow_pickle: bool, chain: list[Path]) -> dict:
     if not path.is_dir():
+        if path.is_file() and path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth"):
+            raise ModelDirError(f"model folder not found: {path} is a single-file checkpoint, which erase and attack "
+                                "read with model.config=FOLDER (evaluate the erase run's model/ instead)")
         raise ModelDirError(f"model folder not found: {path}")
     here = path.resolve()
     if here in chain:
