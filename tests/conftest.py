@@ -164,3 +164,69 @@ def tiny_sd_model_dir(tmp_path_factory, clip_tokenizer_dir):
     path = tmp_path_factory.mktemp("tiny-sd") / "model"
     build_tiny_sd_model(clip_tokenizer_dir).save_pretrained(path)
     return path
+
+
+# ---- Stable Diffusion pipeline folders as users bring them (random weights, real configs) ---------
+
+# the scheduler configs of the official SD 1.4 and SD 2.1 folders (CompVis/stable-diffusion-v1-4,
+# stabilityai/stable-diffusion-2-1: scheduler/scheduler_config.json)
+SD14_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+SD21_SCHEDULER = {**SD14_SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_77_dir(tmp_path_factory, clip_tokenizer_dir):
+    """The test CLIP vocabulary with CLIP's real 77-token context."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("clip-tokenizer-77") / "tokenizer"
+    shutil.copytree(clip_tokenizer_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}, indent=2))
+    return folder
+
+
+def build_sd_pipeline(path, tokenizer_dir, scheduler_config: dict, seed: int = 0, linear_projection: bool = False):
+    """A tiny StableDiffusionPipeline saved by diffusers itself, as a user's SD 1.x / 2.x folder is:
+    model_index.json, unet/ vae/ text_encoder/ tokenizer/ scheduler/ (the given config, any class),
+    no diffunlearn.json; CLIP context 77. `linear_projection`: SD 2.x's transformer projections."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8, use_linear_projection=linear_projection)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=8, sample_size=16)
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd_pipeline_dir(tmp_path_factory, clip_tokenizer_77_dir):
+    """An SD 1.x-style folder (epsilon, SD 1.4's PNDM scheduler config), random weights."""
+    return build_sd_pipeline(tmp_path_factory.mktemp("sd14") / "model", clip_tokenizer_77_dir, SD14_SCHEDULER)
+
+
+@pytest.fixture(scope="session")
+def sd_v_pipeline_dir(tmp_path_factory, clip_tokenizer_77_dir):
+    """An SD 2.x-style folder (v-prediction, SD 2.1's DDIM scheduler config, linear projections)."""
+    return build_sd_pipeline(tmp_path_factory.mktemp("sd21") / "model", clip_tokenizer_77_dir, SD21_SCHEDULER,
+                             linear_projection=True)

@@ -12,6 +12,7 @@ from conftest import TINY_ARCH, build_tiny_model
 from diffunlearn.backends.base import PARAM_GROUPS, Backend
 from diffunlearn.backends.diffusers_t2i import T2IModel
 from diffunlearn.backends.model_dir import (
+    CHANGED_UNET_WEIGHTS,
     META_FILE,
     UNET_WEIGHTS,
     ModelDirError,
@@ -417,21 +418,28 @@ def test_capture_attention_restores_after_error(tiny_model):
 # ---- changed-only run folders --------------------------------------------------------------
 
 
-def test_save_changed_only_round_trip(tiny_model_dir, tmp_path):
-    model = T2IModel.from_pretrained(tiny_model_dir)
-    base_hash = model_content_hash(tiny_model_dir)
+def test_a_run_model_folder_is_complete_links_its_base_and_holds_the_changed_tensors(tiny_model_dir, tmp_path):
+    base_dir = copy_model_dir(tiny_model_dir, tmp_path / "base")
+    model = T2IModel.from_pretrained(base_dir)
+    base_hash = model_content_hash(base_dir)
     params = model.set_trainable("xattn")
     perturb(params)
     run = tmp_path / "run"
     model.save_pretrained(run, changed_only=True)
 
-    header = read_safetensors_header(run / UNET_WEIGHTS)
-    assert {k for k in header if k != "__metadata__"} == set(model.param_group("xattn"))
-    assert not (run / "text_encoder").exists()
+    changed = read_safetensors_header(run / CHANGED_UNET_WEIGHTS)
+    assert {k for k in changed if k != "__metadata__"} == set(model.param_group("xattn"))
+    full = read_safetensors_header(run / UNET_WEIGHTS)
+    assert {k for k in full if k != "__metadata__"} == set(model.unet.state_dict())
+    # every unchanged file is a hard link to the base's (same data, no disk space), none a symlink
+    for part in ("text_encoder/model.safetensors", "tokenizer/tokenizer.json", "unet/config.json",
+                 "scheduler/scheduler_config.json", "model_index.json"):
+        assert (run / part).stat().st_ino == (base_dir / part).stat().st_ino, part
+    assert not [p for p in run.rglob("*") if p.is_symlink()]
     assert not list(run.rglob("*.pt")) and not list(run.rglob("*.bin"))
     meta = json.loads((run / META_FILE).read_text())
-    assert meta["base"] == {"path": str(tiny_model_dir.resolve()), "hash": base_hash}
-    assert sorted(meta["changed_params"]) == sorted(params)
+    assert meta["base"] == {"path": str(base_dir.resolve()), "hash": base_hash}
+    assert sorted(meta["changed_params"]) == sorted(params) and meta["self_contained"] is True
     assert check_model_dir(run)["base"]["hash"] == base_hash
     assert model_content_hash(run) != base_hash
 
@@ -439,30 +447,61 @@ def test_save_changed_only_round_trip(tiny_model_dir, tmp_path):
     x, t, cond = probe_inputs(model)
     with torch.no_grad():
         assert torch.equal(loaded.eps(x, t, cond), model.eps(x, t, cond))
-        base = T2IModel.from_pretrained(tiny_model_dir)
+        base = T2IModel.from_pretrained(base_dir)
         assert not torch.allclose(base.eps(x, t, cond), model.eps(x, t, cond), atol=1e-4)
     for n, p in model.unet.state_dict().items():
         assert torch.equal(loaded.unet.state_dict()[n], p), n
     assert loaded.meta["base"]["hash"] == base_hash
 
-    # the base folder is untouched
-    assert model_content_hash(tiny_model_dir) == base_hash
+    # writing a full folder over the run's never writes through a link into the base's files
+    loaded.save_pretrained(run)
+    assert model_content_hash(base_dir) == base_hash
+    # the run's folder stands alone: it loads without its base
+    shutil.rmtree(base_dir)
+    again = T2IModel.from_pretrained(run)
+    assert all(torch.equal(again.unet.state_dict()[n], p) for n, p in model.unet.state_dict().items())
 
 
-def test_changed_only_needs_a_base_and_a_valid_base(tiny_model, tiny_model_dir, tmp_path):
+def test_a_run_of_a_run_keeps_the_first_base_and_accumulates_the_changed_tensors(tiny_model_dir, tmp_path):
+    model = T2IModel.from_pretrained(tiny_model_dir)
+    perturb(model.set_trainable("xattn-kv"))
+    model.save_pretrained(tmp_path / "erase", changed_only=True)
+    attacked = T2IModel.from_pretrained(tmp_path / "erase")
+    perturb(attacked.set_trainable("noxattn"))
+    attacked.save_pretrained(tmp_path / "attack", changed_only=True)
+    meta = json.loads((tmp_path / "attack" / META_FILE).read_text())
+    assert meta["base"]["path"] == str(tiny_model_dir.resolve())
+    assert set(meta["changed_params"]) == set(model.param_group("xattn-kv")) | set(model.param_group("noxattn"))
+    header = read_safetensors_header(tmp_path / "attack" / CHANGED_UNET_WEIGHTS)
+    assert {k for k in header if k != "__metadata__"} == set(meta["changed_params"])
+
+
+def test_run_folders_of_the_older_changed_tensors_layout_still_load(tiny_model_dir, tmp_path):
+    """Older versions wrote only the changed tensors in unet/ and a base reference: such a folder
+    loads through its base, and one whose base has gone is reported as such."""
+    from safetensors.torch import save_file
+
+    base = copy_model_dir(tiny_model_dir, tmp_path / "base")
+    model = T2IModel.from_pretrained(base)
+    params = model.set_trainable("xattn-kv")
+    perturb(params)
+    run = tmp_path / "run"
+    (run / "unet").mkdir(parents=True)
+    save_file({n: p.detach().contiguous() for n, p in params.items()}, str(run / UNET_WEIGHTS))
+    (run / META_FILE).write_text(json.dumps({"base": {"path": str(base), "hash": model_content_hash(base)},
+                                             "changed_params": sorted(params)}))
+    loaded = T2IModel.from_pretrained(run)
+    for n, p in model.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[n], p), n
+    shutil.rmtree(base)
+    with pytest.raises(ModelDirError, match="model folder not found"):
+        check_model_dir(run)
+
+
+def test_changed_only_needs_a_base(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="changed_only needs a model loaded from a folder"):
         tiny_model.save_pretrained(tmp_path / "x", changed_only=True)
     assert not (tmp_path / "x" / META_FILE).exists()
-    # a run folder whose base has gone is reported as such
-    base = copy_model_dir(tiny_model_dir, tmp_path / "base")
-    model = T2IModel.from_pretrained(base)
-    perturb(model.set_trainable("xattn-kv"))
-    model.save_pretrained(tmp_path / "run", changed_only=True)
-    header = read_safetensors_header(tmp_path / "run" / UNET_WEIGHTS)
-    assert {k for k in header if k != "__metadata__"} == set(model.param_group("xattn-kv"))
-    shutil.rmtree(base)
-    with pytest.raises(ModelDirError, match="model folder not found"):
-        check_model_dir(tmp_path / "run")
 
 
 # ---- pickles and the content hash ------------------------------------------------------------

@@ -122,6 +122,45 @@ def run_model_with_stale_base(w: Path, model: Path):
     (folder / "diffunlearn.json").write_text(json.dumps({"base": {"path": str(model), "hash": "0" * 16}}))
 
 
+def foreign_model(pipeline: str, component: str):
+    """A folder of another model family as diffusers saves one: model_index.json and a component."""
+    def setup(w: Path, model: Path):
+        folder = w / "m"
+        (folder / component).mkdir(parents=True)
+        (folder / component / "config.json").write_text("{}")
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline,
+                                                             component: ["diffusers", "SomeModel"]}))
+    return setup
+
+
+def single_file(name: str, key: str = "model.diffusion_model.conv_in.weight", config: bool = True):
+    """A (tiny, fake) single-file checkpoint, and a config folder copied from the tiny model."""
+    def setup(w: Path, model: Path):
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        if name.endswith(".safetensors"):
+            save_file({key: np.zeros((2, 2), dtype=np.float32)}, str(w / name))
+        else:
+            (w / name).write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
+        if config:
+            shutil.copytree(model, w / "cfg")
+    return setup
+
+
+def garbage(name: str):
+    def setup(w: Path, model: Path):
+        (w / name).write_bytes(b"\x10" * 12)
+    return setup
+
+
+def add_part(part: str) -> Callable[[Path], None]:
+    def edit(folder: Path):
+        (folder / part).mkdir()
+        (folder / part / "config.json").write_text("{}")
+    return edit
+
+
 def evaluators(edit: Callable[[Path], None] | None = None):
     def setup(w: Path, model: Path):
         from diffunlearn.metrics.classifier import EVALUATOR_DIR
@@ -333,6 +372,49 @@ CASES = [
          bad_model("m", base_is(lambda f: str(f.parent / "gone")))),
     Case("model-base-changed", ["erase", "core", "--forget", "dotted", "--concepts", "canvas", "--model", "{w}/stale"],
          "now has hash", run_model_with_stale_base, torch=True),
+    # model families and layouts diffunlearn does not load
+    Case("model-sdxl", ["erase", "core", "--forget", "dotted", "--model", "{w}/m"], "(SDXL), which diffunlearn does",
+         bad_model("m", edit_json("model_index.json", _class_name="StableDiffusionXLPipeline"))),
+    Case("model-flux", ["erase", "core", "--forget", "dotted", "--model", "{w}/m"], "FluxPipeline model (Flux)",
+         foreign_model("FluxPipeline", "transformer")),
+    Case("model-sd3", ["erase", "core", "--forget", "dotted", "--model", "{w}/m"], "(SD3)",
+         foreign_model("StableDiffusion3Pipeline", "transformer")),
+    Case("model-inpainting", ["erase", "core", "--forget", "dotted", "--model", "{w}/m"], "(SD inpainting)",
+         bad_model("m", edit_json("model_index.json", _class_name="StableDiffusionInpaintPipeline"))),
+    Case("model-text-encoder-2", ["erase", "core", "--forget", "dotted", "--model", "{w}/m"], "SDXL-style",
+         bad_model("m", add_part("text_encoder_2"))),
+    Case("model-transformer", ["erase", "core", "--forget", "dotted", "--model", "{w}/m"], "diffusion transformer",
+         bad_model("m", add_part("transformer"))),
+    Case("model-unet-added-conditioning", ["erase", "core", "--forget", "dotted", "--model", "{w}/m"], "text_time",
+         bad_model("m", edit_json("unet/config.json", addition_embed_type="text_time"))),
+    Case("model-unet-inpainting-channels", ["erase", "core", "--forget", "dotted", "--model", "{w}/m"],
+         "inpainting/depth-style", bad_model("m", edit_json("unet/config.json", in_channels=9))),
+    Case("model-prediction-type", ["erase", "core", "--forget", "dotted", "--model", "{w}/m"],
+         "prediction_type 'flow_prediction' is not supported",
+         bad_model("m", edit_json("scheduler/scheduler_config.json", prediction_type="flow_prediction"))),
+    # single-file checkpoints
+    Case("single-file-no-config", ["erase", "core", "--forget", "dotted", "--model", "{w}/sd.safetensors"],
+         "model.config=FOLDER", single_file("sd.safetensors", config=False)),
+    Case("single-file-pickle", ["erase", "core", "--forget", "dotted", "--model", "{w}/sd.ckpt",
+                                "model.config={w}/cfg"], "--allow-pickle", single_file("sd.ckpt")),
+    Case("single-file-not-sd", ["erase", "core", "--forget", "dotted", "--model", "{w}/sd.safetensors",
+                                "model.config={w}/cfg"], "no Stable Diffusion UNet",
+         single_file("sd.safetensors", key="transformer.x")),
+    Case("single-file-config-missing", ["erase", "core", "--forget", "dotted", "--model", "{w}/sd.safetensors",
+                                        "model.config={w}/nowhere"], "config folder not found",
+         single_file("sd.safetensors", config=False)),
+    Case("single-file-config-incomplete", ["erase", "core", "--forget", "dotted", "--model", "{w}/sd.safetensors",
+                                           "model.config={w}/cfg"], "lacks vae/config.json",
+         single_file("sd.safetensors")),
+    Case("single-file-truncated", ["erase", "core", "--forget", "dotted", "--model", "{w}/sd.safetensors",
+                                   "model.config={w}/cfg"], "corrupt safetensors",
+         several(single_file("sd.safetensors"), garbage("sd.safetensors"))),
+    Case("single-file-malicious-ckpt", ["erase", "core", "--forget", "dotted", "--model", "{w}/sd.ckpt",
+                                        "model.config={w}/cfg", "--allow-pickle"], "Weights only load failed",
+         several(single_file("sd.ckpt"), lambda w, m: add_part("vae")(w / "cfg")), torch=True),
+    Case("model-config-for-a-folder", [*E, "model.config={w}"], "model.config is for a single-file checkpoint"),
+    Case("evaluate-single-file", ["evaluate", "--model", "{w}/sd.safetensors", "--forget", "dotted"],
+         "is a single-file checkpoint", single_file("sd.safetensors", config=False)),
     # evaluators
     Case("evaluators-truncated", [*E, "eval.evaluator=canvas:{w}/ev"], "corrupt safetensors",
          evaluators(truncate("style.safetensors"))),

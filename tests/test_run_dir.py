@@ -69,7 +69,7 @@ RUNNER = textwrap.dedent("""
             kill_on_call(checkpoint, "atomic_write_text", call=2)
         elif point == "final-save":         # the model's weights written, its metadata not
             from diffunlearn.backends import diffusers_t2i
-            kill_on_call(diffusers_t2i, "atomic_write_text", call=2)
+            kill_on_call(diffusers_t2i, "atomic_write_text", call=1)  # the metadata is its only text file
         elif point == "before-complete":    # model and curves written, metrics.json not
             kill_on_call(erase, "write_json")
         elif point == "after-complete":     # run.json says complete, the checkpoint not yet removed

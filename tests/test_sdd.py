@@ -131,9 +131,12 @@ ERASE = ["method.steps=4", "method.batch_size=2", "method.generation_steps=3", "
 
 
 def saved_unet(run_dir):
+    """The tensors the run changed (the run's model/ also holds the whole UNet)."""
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    from diffunlearn.backends.model_dir import CHANGED_UNET_WEIGHTS
+
+    return load_file(str(run_dir / "model" / CHANGED_UNET_WEIGHTS))
 
 
 def test_erase_saves_and_evaluates_the_ema(tiny_model_dir, tiny_evaluator_dir, tmp_path, monkeypatch,

@@ -5,8 +5,10 @@
     run.metrics["after"]["UA"]
 
 Every run directory holds config.yaml (resolved), run.json (id and status), metrics.json,
-curves.csv, model/ (changed weights in diffusers layout with the base model's path and
-hash, loadable anywhere a model is accepted), samples.png and log.txt.
+curves.csv, model/ (a complete model folder, loadable anywhere a model is accepted and, for a
+Stable Diffusion model, by diffusers' StableDiffusionPipeline.from_pretrained: unchanged files
+hard-linked from the base, unet_changed.safetensors with the changed tensors alone, the base
+model's path and hash in diffunlearn.json), samples.png and log.txt.
 
 Grids of runs: `run_bench(recipe)` runs a benchmark recipe (bench/recipes/*.yaml),
 `results(recipe)` returns its runs as a pandas DataFrame, `bench_report(recipe, out)` writes its

@@ -133,6 +133,10 @@ PickleOpt = Annotated[bool, typer.Option(
     "--allow-pickle", help="Load model weights given only as pickles (.bin) with torch.load(weights_only=True); "
                            "refused otherwise (same as model.allow_pickle=true).")]
 
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", help="cpu, cuda, cuda:N or mps; default: CUDA when this torch build sees a GPU (each process its own "
+                     "under `accelerate launch`), else the CPU. Not part of the run id.")]
+
 OverridesArg = Annotated[list[str] | None, typer.Argument(
     help="Overrides as dotted key=value, e.g. method.lr=1e-5 eval.images_per_prompt=4 task.anchor_scheme=next.",
     show_default=False)]
@@ -154,6 +158,7 @@ def erase(
     anchor: AnchorOpt = None,
     domain: DomainOpt = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
     allow_pickle: PickleOpt = False,
     overrides: OverridesArg = None,
 ) -> None:
@@ -170,8 +175,8 @@ def erase(
     result = guarded(lambda: api.erase(method, split_names(forget), split_names(retain), model, config,
                                        out, with_pickle(overrides, allow_pickle), threads,
                                        progress=sys.stderr.isatty(), notify=lambda line: typer.echo(line, err=True),
-                                       concepts=concepts, anchor=anchor, domain=domain))
-    if not result.skipped:
+                                       concepts=concepts, anchor=anchor, domain=domain, device=device))
+    if not result.skipped and result.metrics:  # a data-parallel process other than 0 has nothing to print
         _print_summary(result.metrics, result.out)
 
 
@@ -194,6 +199,7 @@ def _attack_command(name: str, summary: str):
         anchor: AnchorOpt = None,
         domain: DomainOpt = None,
         threads: ThreadsOpt = None,
+        device: DeviceOpt = None,
         allow_pickle: PickleOpt = False,
         overrides: OverridesArg = None,
     ) -> None:
@@ -202,7 +208,7 @@ def _attack_command(name: str, summary: str):
         notify = lambda line: typer.echo(line, err=True)  # noqa: E731
         progress = sys.stderr.isatty()
         overrides = with_pickle(overrides, allow_pickle)
-        options = {"concepts": concepts, "anchor": anchor, "domain": domain}
+        options = {"concepts": concepts, "anchor": anchor, "domain": domain, "device": device}
         if erase_method:
             if out or original or config:
                 fail("--erase chains two runs in their default directories; drop --out/--original/--config")
@@ -248,6 +254,7 @@ def evaluate(
     concepts: ConceptsOpt = None,
     domain: DomainOpt = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
     allow_pickle: PickleOpt = False,
     overrides: OverridesArg = None,
 ) -> None:
@@ -259,7 +266,7 @@ def evaluate(
 
     metrics = guarded(lambda: api.evaluate(model, split_names(forget), out, overrides or [], threads,
                                            progress=sys.stderr.isatty(), allow_pickle=allow_pickle,
-                                           concepts=concepts, domain=domain))
+                                           concepts=concepts, domain=domain, device=device))
     _print_summary(metrics, out)
 
 

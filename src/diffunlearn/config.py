@@ -313,7 +313,11 @@ class TrainConfig(StrictModel):
         "xattn", description="which UNet weights train (backends/base.py PARAM_GROUPS)")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(5, ge=1)
-    bf16: bool = Field(False, description="bf16 autocast for UNet forwards")
+    bf16: bool = Field(False, description="bf16 autocast for UNet forwards (mixed precision; the weights, their "
+                       "gradients and the optimizer stay float32)")
+    gradient_checkpointing: bool = Field(False, description="recompute the UNet's activations in the backward pass: "
+                                         "less GPU memory, about a third more time, the same numbers (so not part "
+                                         "of the run id)")
 
 
 class TaskConfig(StrictModel):

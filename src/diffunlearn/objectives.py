@@ -11,6 +11,12 @@ Almost every fine-tuning unlearning method is a weighted sum of
     eps_star(x_t, "") - eta * (eps_star(x_t, c_f) - eps_star(x_t, ""));
 (d) the sign and weight lambda.
 
+"eps" stands for the model's own prediction space (its scheduler's prediction_type): a noise
+target is stated there by `backend.noise_target` (for a v-prediction model the Gaussian target
+is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0); model outputs (teacher, stop-gradient) already
+are, and ESD's guided target is an affine combination of them with weights summing to one,
+which is the same guidance in eps, v or x0 space.
+
 All trainable forwards of a step run as one batched forward, and all frozen ones as
 another (DESIGN.md rule 6). The module imports torch lazily so method configs can be
 validated without it.
@@ -67,9 +73,23 @@ class TermBatch:
     t: torch.Tensor
     prompts: dict[str, list[str]]  # prompt kind -> one prompt per image
     x_t: torch.Tensor | None = None  # set for generated batches, which have no x0 or noise
+    # data-parallel: the rows of the global batch this process holds, out of `full` (engine/distributed.py)
+    rows: slice | None = None
+    full: int | None = None
 
     def noisy(self, backend: Backend) -> torch.Tensor:
         return self.x_t if self.x_t is not None else backend.add_noise(self.x0, self.noise, self.t)
+
+    def shard(self, rows: slice | None) -> TermBatch:
+        """This process's rows of the batch (itself with one process)."""
+        if rows is None:
+            return self
+
+        def cut(x):
+            return None if x is None else x[rows]
+
+        return TermBatch(cut(self.x0), cut(self.noise), self.t[rows], {k: v[rows] for k, v in self.prompts.items()},
+                         x_t=cut(self.x_t), rows=rows, full=len(self.t))
 
 
 def sample_items(task: UnlearningTask, source: ImageSource, n: int, gen: torch.Generator):
@@ -167,12 +187,13 @@ def term_losses(terms: list[Term], backend: Backend, batches: list[TermBatch],
 
     losses = {}
     for term, pred, b in zip(terms, student, batches, strict=True):
-        if term.target == "gaussian":
-            if b.noise is None:
-                raise ValueError(f"term '{term.name}': a Gaussian target needs images, not generated x_t")
-            target = b.noise
-        elif term.target == "uniform":
-            target = torch.rand(pred.shape, generator=gen).to(pred.device)
+        if term.target in ("gaussian", "uniform"):
+            if b.x0 is None:
+                raise ValueError(f"term '{term.name}': a {term.target} noise target needs images, not generated x_t")
+            # the noise (the Gaussian that made x_t, or U(0, I) in its place) as the model's own
+            # prediction space states it: the noise itself for eps, sqrt(abar) u - sqrt(1 - abar) x0 for v
+            noise = b.noise if term.target == "gaussian" else _uniform(pred, b, gen)
+            target = backend.noise_target(b.x0, noise, b.t)
         elif term.target == "teacher":
             target = next(frozen)
         elif term.target == "esd":
@@ -183,6 +204,16 @@ def term_losses(terms: list[Term], backend: Backend, batches: list[TermBatch],
         diff = pred - target
         losses[term.name] = diff.pow(2).mean() if term.norm == "squared" else diff.flatten(1).norm(dim=1).mean()
     return losses
+
+
+def _uniform(pred: torch.Tensor, batch: TermBatch, gen: torch.Generator) -> torch.Tensor:
+    """U(0, I) noise for a batch: drawn for the whole global batch, so a data-parallel process
+    holds the rows one process would have drawn for them."""
+    import torch
+
+    if batch.rows is None:
+        return torch.rand(pred.shape, generator=gen).to(pred.device)
+    return torch.rand((batch.full, *pred.shape[1:]), generator=gen)[batch.rows].to(pred.device)
 
 
 def _batched(fn, requests: list[tuple[torch.Tensor, torch.Tensor, list[str]]], backend: Backend):
@@ -199,7 +230,10 @@ def _batched(fn, requests: list[tuple[torch.Tensor, torch.Tensor, list[str]]], b
 def compute_loss(terms: list[Term], backend: Backend, task: UnlearningTask, batch_size: int,
                  gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of `terms` on freshly drawn batches, and each term's value for the curves."""
-    batches = [make_batch(backend, task, term, batch_size, gen) for term in terms]
+    from diffunlearn.engine.distributed import shard_rows
+
+    rows = shard_rows(batch_size)  # every process draws the global batch and keeps its rows
+    batches = [make_batch(backend, task, term, batch_size, gen).shard(rows) for term in terms]
     losses = term_losses(terms, backend, batches, gen)
     total = sum(term.weight * losses[term.name] for term in terms)
     logs = {f"loss_{name}": float(v.detach()) for name, v in losses.items()}
@@ -208,14 +242,15 @@ def compute_loss(terms: list[Term], backend: Backend, task: UnlearningTask, batc
 
 
 def denoising_loss(backend: Backend, x0: torch.Tensor, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
-    """The plain DDPM loss E ||eps - eps_theta(x_t, t, c)||^2 on given images and captions: the
-    relearning attack's loss ([002] eq. 7) and benign fine-tuning's ([000] §3)."""
+    """The plain DDPM loss E ||eps - eps_theta(x_t, t, c)||^2 on given images and captions (its
+    target in the model's prediction space, `backend.noise_target`): the relearning attack's loss
+    ([002] eq. 7) and benign fine-tuning's ([000] §3)."""
     import torch
 
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     t = torch.randint(0, backend.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
     pred = backend.eps(backend.add_noise(x0, noise, t), t, backend.encode(prompts))
-    return (pred.float() - noise).pow(2).mean()
+    return (pred.float() - backend.noise_target(x0, noise, t)).pow(2).mean()
 
 
 def forget_gradients(backend: Backend, task: UnlearningTask, batch_size: int, batches: int, seed: int,
@@ -244,7 +279,7 @@ def forget_gradients(backend: Backend, task: UnlearningTask, batch_size: int, ba
                 requests.append((x_t, batch.t, batch.prompts["empty"]))
             eps = _batched(backend.eps, requests, backend)
             pred = eps[0] if not guidance else (1 + guidance) * eps[0] - guidance * eps[1]
-            (pred - batch.noise).pow(2).mean().backward()
+            (pred - backend.noise_target(batch.x0, batch.noise, batch.t)).pow(2).mean().backward()
             # fresh tensors each batch (p.grad was None), so the caller may keep them
             yield {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
     finally:

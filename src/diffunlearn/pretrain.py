@@ -42,8 +42,11 @@ def encode_pool(model: T2IModel, images: torch.Tensor, seed: int, batch_size: in
                       for i in range(0, len(images), batch_size)])
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None) -> torch.Tensor:
-    """Per-timestep weights min(SNR, gamma) / SNR of the epsilon loss (Min-SNR-gamma).
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None,
+                    prediction_type: str = "epsilon") -> torch.Tensor:
+    """Per-timestep weights of the loss in the model's prediction space (Min-SNR-gamma, Hang et
+    al. 2023): min(SNR, gamma) on the x0 loss, so min(SNR, gamma) / SNR on the epsilon loss (SNR
+    times the x0 loss) and min(SNR, gamma) / (SNR + 1) on the v loss ((SNR + 1) times the x0 loss).
 
     They damp the low-noise timesteps, whose fine texture detail otherwise dominates the
     gradient, so the global structure that decides an object's shape is learned sooner.
@@ -51,7 +54,12 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None) -> torch.
     if gamma is None:
         return torch.ones_like(alphas_cumprod)
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    return torch.clamp(snr, max=gamma) / snr
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    if prediction_type == "sample":
+        return clipped
+    return clipped / snr
 
 
 def training_pairs(exclude: list[str]) -> list[tuple[str, str]]:
@@ -90,7 +98,7 @@ def pretrain_model(cfg: PretrainModelConfig, out: Path, threads: int | None = No
     if train_text_encoder:
         params |= {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()}
     tokenized: dict[str, torch.Tensor] = {}
-    snr_weights = min_snr_weights(model.alphas_cumprod, cfg.train.min_snr_gamma)
+    snr_weights = min_snr_weights(model.alphas_cumprod, cfg.train.min_snr_gamma, model.prediction_type)
 
     def tokens(prompts: list[str]) -> torch.Tensor:
         for p in prompts:
@@ -111,7 +119,7 @@ def pretrain_model(cfg: PretrainModelConfig, out: Path, threads: int | None = No
             if train_text_encoder:
                 cond = text_encoder(tokens(prompts))[0]
             pred = unet(model.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        per_sample = (pred.float() - model.noise_target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * snr_weights[t]).mean()
         loss.backward()
         return {"loss": loss.item()}

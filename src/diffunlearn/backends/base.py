@@ -53,11 +53,19 @@ class Backend(Protocol):
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
+    prediction_type: str  # epsilon | v_prediction | sample, from the scheduler config
+
+    def noise_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoising target for x_t = add_noise(x0, noise, t) in the model's own prediction
+        space (noise, v or x0): the one place a noise target is converted."""
+
     def eps(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
         params: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Predicted noise; `params` overrides named UNet parameters (the frozen teacher)."""
+        """The UNet's prediction in its own space (noise for epsilon models, v for v-prediction
+        ones; `eps` by the field's habit); `params` overrides named UNet parameters (the frozen
+        teacher)."""
 
     def teacher_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The frozen original model's prediction, without a second model copy."""

@@ -21,13 +21,17 @@ from torch.func import functional_call
 
 from diffunlearn.backends.base import LINEAR_CONV, PARAM_GROUPS
 from diffunlearn.backends.model_dir import (
+    CHANGED_UNET_WEIGHTS,
     META_FILE,
+    PREDICTION_TYPES,
     UNET_WEIGHTS,
     ModelDirError,
     base_path_of,
     check_model_dir,
     component_weights,
+    model_components,
     model_content_hash,
+    read_meta,
 )
 from diffunlearn.io import atomic_write_text
 from diffunlearn.registry import UnknownNameError
@@ -189,6 +193,13 @@ class T2IModel:
         self.autocast = False
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+        # the scheduler config as written (any scheduler class): the DDIM sampler is built from it, so
+        # keys a DDPMScheduler drops (set_alpha_to_one, ...) still count; `scheduler_dir` is where it was read
+        self.scheduler_config = dict(scheduler.config)
+        self.scheduler_dir: Path | None = None
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ModelDirError(f"scheduler prediction_type '{self.prediction_type}' is not supported; "
+                                f"supported: {', '.join(PREDICTION_TYPES)}")
         channels = unet.config.in_channels
         self.image_shape = (channels, unet.config.sample_size, unet.config.sample_size)  # the UNet's space
         vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
@@ -236,7 +247,7 @@ class T2IModel:
         from transformers import CLIPTextModel
 
         _quiet_hub_progress()
-        if meta.get("base"):
+        if meta.get("base") and not meta.get("self_contained"):  # the changed-tensors-only layout of older runs
             base_path = base_path_of(path, meta)
             model = cls.from_pretrained(base_path, device, allow_pickle)
             if model.content_hash() != meta["base"]["hash"]:
@@ -258,7 +269,8 @@ class T2IModel:
             return model
         unet = _load_component(UNet2DConditionModel, path, "unet", allow_pickle)
         text_encoder = _load_component(CLIPTextModel, path, "text_encoder", allow_pickle)
-        scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"), local_files_only=True)
+        scheduler_config = DDPMScheduler.load_config(str(path / "scheduler"), local_files_only=True)
+        scheduler = _training_scheduler(scheduler_config)
         if (path / "tokenizer" / "tokenizer_config.json").exists() and json.loads(
             (path / "tokenizer" / "tokenizer_config.json").read_text()).get("kind") == "word-level":
             tokenizer = WordTokenizer.load(path / "tokenizer")
@@ -271,6 +283,7 @@ class T2IModel:
             vae = _load_component(AutoencoderKL, path, "vae", allow_pickle)
         meta = meta or {"kind": "diffusers", "guidance_scale": 7.5, "sample_steps": 50, "latent": vae is not None}
         model = cls(unet.eval(), text_encoder, tokenizer, scheduler, vae=vae, meta=meta, device=device)
+        model.scheduler_config, model.scheduler_dir = dict(scheduler_config), path / "scheduler"
         model.path = path
         return model
 
@@ -288,8 +301,10 @@ class T2IModel:
         unet = UNet2DConditionModel.from_config(self.unet.config)
         text_encoder = (copy.deepcopy(self.text_encoder) if keep_text_encoder
                         else CLIPTextModel(self.text_encoder.config))
-        return T2IModel(unet, text_encoder, self.tokenizer, self.scheduler, vae=self.vae, meta=dict(self.meta),
-                        device=self.device)
+        model = T2IModel(unet, text_encoder, self.tokenizer, self.scheduler, vae=self.vae, meta=dict(self.meta),
+                         device=self.device)
+        model.scheduler_config, model.scheduler_dir = dict(self.scheduler_config), self.scheduler_dir
+        return model
 
     def text_encoder_hash(self) -> str:
         """SHA-256 of the text encoder's weights (names, dtypes, shapes and bytes), independent of
@@ -310,44 +325,78 @@ class T2IModel:
         self._prompt_cache.clear()
 
     def save_pretrained(self, path: str | Path, changed_only: bool = False) -> None:
-        """Write a diffusers-layout folder; with `changed_only`, the UNet tensors that differ
-        from the teacher snapshot plus a reference (path and hash) to the base model."""
+        """Write a complete model folder: a Stable Diffusion-layout model's loads untouched with
+        diffusers' `StableDiffusionPipeline.from_pretrained(path)`.
+
+        `changed_only` (a run's model): the folder is still complete, but every file but the
+        UNet's weights is a hard link to (or, across file systems, a copy of) the unchanged file
+        of the folder the model was loaded from, so it costs no disk space; the UNet's full
+        weights are written, and beside them `unet_changed.safetensors` holds only the tensors
+        that differ from the base model, whose path and content hash `diffunlearn.json` records."""
         from diffunlearn.engine.checkpoint import atomic_save_tensors
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta)
+        source = self._complete_source()
         if changed_only:
             if self.path is None:
                 raise ValueError("changed_only needs a model loaded from a folder (the base)")
             base = self.meta.get("base") or {"path": str(self.path.resolve()), "hash": self.content_hash()}
             full = dict(self.unet.state_dict())
             names = sorted(set(self._teacher) | set(self.meta.get("changed_params", [])))
-            tensors = {n: full[n].detach().contiguous().cpu() for n in names}
-            (path / "unet").mkdir(exist_ok=True)
-            atomic_save_tensors(tensors, path / UNET_WEIGHTS)
-            meta.update(base=base, changed_params=names)
+            atomic_save_tensors({n: full[n] for n in names}, path / CHANGED_UNET_WEIGHTS, metadata={"format": "pt"})
+            meta.update(base=base, changed_params=names, self_contained=True)
         else:
-            self.unet.save_pretrained(str(path / "unet"), safe_serialization=True)
-            self.text_encoder.save_pretrained(str(path / "text_encoder"), safe_serialization=True)
-            self.tokenizer.save(path / "tokenizer")
-            self.scheduler.save_pretrained(str(path / "scheduler"))
-            if self.vae is not None:
-                self.vae.save_pretrained(str(path / "vae"), safe_serialization=True)
-            for sub in ("unet", "vae"):
-                _drop_load_path(path / sub / "config.json")
             meta.pop("base", None)
             meta.pop("changed_params", None)
-        atomic_write_text(path / "model_index.json", json.dumps(self._model_index(full=not changed_only), indent=2))
+            meta.pop("self_contained", None)
+        if source is not None and changed_only:
+            _link_components(source, path)
+            (path / "unet").mkdir(exist_ok=True)
+            atomic_save_tensors(dict(self.unet.state_dict()), path / UNET_WEIGHTS, metadata={"format": "pt"})
+        else:
+            self._write_components(path)
+        if source is None or not changed_only or not (path / "model_index.json").exists():
+            atomic_write_text(path / "model_index.json", json.dumps(self._model_index(), indent=2))
         atomic_write_text(path / META_FILE, json.dumps(meta, indent=2))  # written last: it makes the folder a model
 
-    def _model_index(self, full: bool) -> dict:
-        """diffusers' model_index.json: a full folder of a latent model with CLIP's tokenizer is a
-        Stable Diffusion folder (StableDiffusionPipeline loads it untouched, without a safety
-        checker); anything else is our own layout, read by `from_pretrained` only."""
+    def _complete_source(self) -> Path | None:
+        """The folder this model was loaded from, if it holds every component itself (not a run
+        folder of the changed-tensors-only layout older versions wrote)."""
+        if self.path is None or not (self.path / "model_index.json").exists():
+            return None
+        meta = read_meta(self.path)
+        return self.path if not meta.get("base") or meta.get("self_contained") else None
+
+    def _write_components(self, path: Path) -> None:
+        """Every component from memory (the scheduler config and tokenizer files copied from
+        where they were read, byte for byte, so a re-saved model keeps its hash)."""
+        for sub in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
+            _break_hard_links(path / sub)  # never write through a link into another folder's file
+        self.unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+        self.text_encoder.save_pretrained(str(path / "text_encoder"), safe_serialization=True)
+        self.tokenizer.save(path / "tokenizer")
+        if self.scheduler_dir is not None and (self.scheduler_dir / "scheduler_config.json").is_file():
+            (path / "scheduler").mkdir(exist_ok=True)
+            config = "scheduler_config.json"
+            if self.scheduler_dir.resolve() != (path / "scheduler").resolve():
+                shutil.copyfile(self.scheduler_dir / config, path / "scheduler" / config)
+        else:
+            self.scheduler.save_pretrained(str(path / "scheduler"))
+        if self.vae is not None:
+            self.vae.save_pretrained(str(path / "vae"), safe_serialization=True)
+        for sub in ("unet", "vae"):
+            _drop_load_path(path / sub / "config.json")
+
+    def _model_index(self) -> dict:
+        """diffusers' model_index.json: a latent model with CLIP's tokenizer is a Stable Diffusion
+        folder (StableDiffusionPipeline loads it untouched, without a safety checker); anything
+        else is our own layout, read by `from_pretrained` only."""
+        scheduler_class = self.scheduler_config.get("_class_name") or type(self.scheduler).__name__
         components = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-                      "scheduler": ["diffusers", type(self.scheduler).__name__]}
-        if not (full and self.vae is not None and isinstance(self.tokenizer, HFTokenizer)):
+                      "scheduler": ["diffusers", scheduler_class]}
+        if not (self.vae is not None and isinstance(self.tokenizer, HFTokenizer)):
             return {"_class_name": "DiffunlearnT2I", "_diffusers_version": _diffusers_version(), **components}
         return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(), **components,
                 "vae": ["diffusers", type(self.vae).__name__], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -402,14 +451,63 @@ class T2IModel:
         with torch.no_grad():
             return self.vae.decode(x / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
+    def _alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(abar_t) and sqrt(1 - abar_t), shaped to broadcast over a batch like `like`."""
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device)
+        abar = self.alphas_cumprod[t.expand(like.shape[0]) if t.dim() == 0 else t]
+        abar = abar.to(like.device).view(-1, *([1] * (like.dim() - 1)))
+        return abar.sqrt(), (1 - abar).sqrt()
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        abar = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        alpha, sigma = self._alpha_sigma(t, x0)
+        return alpha * x0 + sigma * noise
+
+    # ---- the model's prediction space -----------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts, from the scheduler config: `epsilon` (SD 1.x, 2.x-base),
+        `v_prediction` (SD 2.x at 768 px) or `sample` (x0)."""
+        return str(self.scheduler.config.prediction_type)
+
+    def noise_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target of the denoising loss for x_t = add_noise(x0, noise, t), in the
+        model's own prediction space: `noise` (epsilon), v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0
+        (v_prediction; diffusers' DDPMScheduler.get_velocity), or x0 (sample). Every Gaussian- or
+        uniform-noise target of a loss goes through here, so a v model learns v, never eps."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        alpha, sigma = self._alpha_sigma(t, x0)
+        return alpha * noise - sigma * x0
+
+    def eps_and_x0(self, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise and the clean sample that a model `output` at (x_t, t) stands for, whatever
+        the prediction type (the conversions of diffusers' DDIMScheduler.step)."""
+        alpha, sigma = self._alpha_sigma(t, x_t)
+        if self.prediction_type == "epsilon":
+            return output, (x_t - sigma * output) / alpha
+        if self.prediction_type == "sample":
+            return (x_t - alpha * output) / sigma, output
+        return alpha * output + sigma * x_t, alpha * x_t - sigma * output
 
     def _autocast(self):
         if self.autocast:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute the UNet's activations in the backward pass (diffusers' own checkpointing)."""
+        return bool(self.unet.is_gradient_checkpointing)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        if on:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
             params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -417,12 +515,22 @@ class T2IModel:
             t = t.expand(x_t.shape[0])
         self.counters["unet_forward"] += 1
         self.counters["unet_forward_images"] += int(x_t.shape[0])
-        with self._autocast():
-            if params:
-                out = functional_call(self.unet, dict(params), (x_t, t), {"encoder_hidden_states": cond},
-                                      strict=False)
-            else:
-                out = self.unet(x_t, t, encoder_hidden_states=cond)
+        # a checkpointed block recomputes its forward in the backward pass with the module's own
+        # weights, which functional_call has restored by then: a forward under substituted weights
+        # that needs gradients (EraseDiff's phi) runs without checkpointing
+        substituted = bool(params) and torch.is_grad_enabled() and self.gradient_checkpointing
+        if substituted:
+            self.unet.disable_gradient_checkpointing()
+        try:
+            with self._autocast():
+                if params:
+                    out = functional_call(self.unet, dict(params), (x_t, t), {"encoder_hidden_states": cond},
+                                          strict=False)
+                else:
+                    out = self.unet(x_t, t, encoder_hidden_states=cond)
+        finally:
+            if substituted:
+                self.unet.enable_gradient_checkpointing()
         out = out.sample.float() if hasattr(out, "sample") else out[0].float()
         if out.requires_grad:
             out.register_hook(self._count_backward)
@@ -553,13 +661,20 @@ class T2IModel:
         store: dict[str, list[torch.Tensor]] = {}
         modules = {name: m for name, m in self.unet.named_modules() if name.endswith("attn2")}
         saved = {name: m.processor for name, m in modules.items()}
+        # a checkpointed block would recompute its forward in the backward pass, after this context
+        # has put the SDPA processors back: the maps' gradients need the forward kept as it ran
+        checkpointing = self.gradient_checkpointing
         try:
+            if checkpointing:
+                self.unet.disable_gradient_checkpointing()
             for name, m in modules.items():
                 m.set_processor(_CapturingProcessor(name, store))
             yield store
         finally:
             for name, m in modules.items():
                 m.set_processor(saved[name])
+            if checkpointing:
+                self.unet.enable_gradient_checkpointing()
 
     # ---- sampling ----------------------------------------------------------------------
     @property
@@ -572,9 +687,17 @@ class T2IModel:
         return torch.stack([torch.randn(self.image_shape, generator=torch.Generator().manual_seed(int(s)))
                             for s in seeds]).to(self.device)
 
+    def ddim_scheduler(self, steps: int):
+        """A DDIM sampler built from the model's own scheduler config (its beta schedule, spacing,
+        steps_offset, set_alpha_to_one, clipping, prediction type), set to `steps` steps."""
+        from diffusers import DDIMScheduler
+
+        ddim = _quietly(lambda: DDIMScheduler.from_config(self.scheduler_config))
+        ddim.set_timesteps(steps)
+        return ddim
+
     def ddim_timesteps(self, steps: int) -> list[int]:
-        stride = self.num_train_timesteps // steps
-        return [int(t) for t in range((steps - 1) * stride, -1, -stride)]
+        return [int(t) for t in self.ddim_scheduler(steps).timesteps]
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
@@ -602,21 +725,19 @@ class T2IModel:
         cond = self.encode(prompts)
         uncond = self.encode([""]).expand_as(cond)
         both = torch.cat([uncond, cond])
-        timesteps = self.ddim_timesteps(steps)
+        ddim = self.ddim_scheduler(steps)
+        timesteps = [int(t) for t in ddim.timesteps]
         if stop_at is not None and timesteps[0] <= stop_at:
             return x  # zero steps: the initial noise is already at the first timestep
-        clip = self.vae is None
+        # with a clipped x0 the step re-derives eps from it (Glide's and our original sampler's choice)
+        clipped = bool(ddim.config.clip_sample or ddim.config.thresholding)
         for i, t in enumerate(timesteps):
             tt = torch.full((2 * x.shape[0],), t, device=self.device, dtype=torch.long)
-            e_u, e_c = self.eps(torch.cat([x, x]), tt, both, params=params).chunk(2)
-            e = e_u + guidance * (e_c - e_u)
-            abar = self.alphas_cumprod[t]
-            abar_prev = self.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0)
-            x0 = (x - (1 - abar).sqrt() * e) / abar.sqrt()
-            if clip:
-                x0 = x0.clamp(-1, 1)
-                e = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-            x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * e
+            out_u, out_c = self.eps(torch.cat([x, x]), tt, both, params=params).chunk(2)
+            # guidance in the model's own space: eps, v and x0 are affine in each other at a fixed
+            # (x_t, t) and the weights sum to one, so this equals guiding the noise
+            out = out_u + guidance * (out_c - out_u)
+            x = ddim.step(out, t, x, eta=0.0, use_clipped_model_output=clipped).prev_sample
             if stop_at is not None and i + 1 < len(timesteps) and timesteps[i + 1] <= stop_at:
                 return x
         return x
@@ -651,6 +772,58 @@ def _load_component(model_cls, path: Path, component: str, allow_pickle: bool):
         raise ModelDirError(f"{weights} does not match {component}/config.json ({which})")
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     return model
+
+
+def _training_scheduler(config: Mapping):
+    """The DDPM noise schedule (betas, alphas_cumprod, prediction type) of any scheduler config:
+    PNDM, DDIM, Euler, DPM-Solver... configs share these keys; the rest is sampling detail."""
+    from diffusers import DDPMScheduler
+
+    return _quietly(lambda: DDPMScheduler.from_config(config))
+
+
+def _quietly(make):
+    """diffusers logs every config key a scheduler class does not take (a PNDM config read as
+    DDPM); those keys are sampling details of the other class, so the notes are noise here."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return make()
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _link_components(source: Path, path: Path) -> None:
+    """Hard-link (or copy) every file of `source`'s components into `path`, except the UNet's
+    weights (written fresh), and its model_index.json: unchanged files, no disk space, and no
+    symbolic link that would point outside the folder."""
+    import os
+
+    files = [source / "model_index.json"] if (source / "model_index.json").is_file() else []
+    for component in model_components(source):
+        files += [f for f in sorted((source / component).rglob("*")) if f.is_file()
+                  and not (component == "unet" and f.name != "config.json")]
+    for file in files:
+        target = path / file.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        real = file.resolve()  # a hub cache snapshot's files are symbolic links to its blobs
+        try:
+            os.link(real, target)
+        except OSError:
+            shutil.copyfile(real, target)
+
+
+def _break_hard_links(folder: Path) -> None:
+    """Remove the files in `folder` that share their data with another folder (a hard link made
+    by `_link_components`), so that writing them anew cannot change the other folder's file."""
+    if folder.is_dir():
+        for file in folder.rglob("*"):
+            if file.is_file() and not file.is_symlink() and file.stat().st_nlink > 1:
+                file.unlink()
 
 
 def _one_line(err: BaseException, limit: int = 160) -> str:

@@ -1,8 +1,12 @@
 """Torch-free checks and hashing of model folders, so bad input fails before torch loads.
 
-A model folder is either a full diffusers-style folder (unet/, text_encoder/, tokenizer/,
-scheduler/, optional vae/) or an erase run's folder whose `diffunlearn.json` names a base
-model by path and content hash and whose unet/ holds only the changed tensors.
+A model folder is a full diffusers-style folder (unet/, text_encoder/, tokenizer/,
+scheduler/, optional vae/; a Stable Diffusion one loads with StableDiffusionPipeline). A run's
+model folder is one too (`self_contained` in its `diffunlearn.json`): its unchanged files are
+hard links to its base model's, its UNet weights are complete, `unet_changed.safetensors` holds
+the tensors that differ from the base, and `diffunlearn.json` names the base by path and content
+hash. Older runs wrote only the changed tensors (in unet/) and need their base to load; such
+folders still load.
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from pathlib import Path
 
 META_FILE = "diffunlearn.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+# a run's model folder: the UNet tensors that differ from its base model (the full UNet is in UNET_WEIGHTS)
+CHANGED_UNET_WEIGHTS = "unet_changed.safetensors"
+# component folders of a model (besides any model_index.json names): what a run's model links from its base
+STANDARD_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
 TEXT_WEIGHTS = "text_encoder/model.safetensors"
 # each component's safetensors file and the pickle its library would fall back to
 WEIGHT_FILES = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
@@ -22,7 +30,18 @@ WEIGHT_FILES = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytor
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # what the content hash reads: every weight format, configs, and the tokenizer's vocabulary files
 HASHED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".msgpack", ".h5", ".onnx", *PICKLE_SUFFIXES)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a UNet may predict (scheduler prediction_type)
 MAX_BASE_CHAIN = 8  # run folders nest (an attack on an erase run on a model); no real chain is longer
+# model_index.json classes diffunlearn loads: Stable Diffusion 1.x/2.x, and its own testbed layout
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "DiffunlearnT2I")
+SUPPORTED = ("supported: Stable Diffusion 1.x/2.x (a StableDiffusionPipeline folder, or one .safetensors file "
+             "with model.config=FOLDER) and the shipped testbeds")
+# the families people try, by the model_index.json class or the folder a layout has that SD lacks
+FAMILIES = {"StableDiffusionXL": "SDXL", "Flux": "Flux", "StableDiffusion3": "SD3", "PixArt": "PixArt",
+            "Kandinsky": "Kandinsky", "IF": "DeepFloyd IF", "Wuerstchen": "Wuerstchen",
+            "StableCascade": "Stable Cascade", "Sana": "Sana", "AuraFlow": "AuraFlow", "HunyuanDiT": "Hunyuan-DiT",
+            "Lumina": "Lumina", "LatentConsistency": "LCM", "StableDiffusionInpaint": "SD inpainting",
+            "StableDiffusionDepth2Img": "SD depth-to-image", "StableDiffusionUpscale": "SD upscaler"}
 
 
 class ModelDirError(ValueError):
@@ -111,6 +130,9 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> dict:
 
 def _check_model_dir(path: Path, allow_pickle: bool, chain: list[Path]) -> dict:
     if not path.is_dir():
+        if path.is_file() and path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth"):
+            raise ModelDirError(f"model folder not found: {path} is a single-file checkpoint, which erase and attack "
+                                "read with model.config=FOLDER (evaluate the erase run's model/ instead)")
         raise ModelDirError(f"model folder not found: {path}")
     here = path.resolve()
     if here in chain:
@@ -118,15 +140,16 @@ def _check_model_dir(path: Path, allow_pickle: bool, chain: list[Path]) -> dict:
     if len(chain) >= MAX_BASE_CHAIN:
         raise ModelDirError(f"model folder {chain[0]}: base chain longer than {MAX_BASE_CHAIN} folders")
     meta = read_meta(path)
-    if meta.get("base"):
+    if meta.get("base") and not meta.get("self_contained"):  # the changed-tensors-only layout of older runs
         _check_model_dir(base_path_of(path, meta), allow_pickle, [*chain, here])
         if not (path / UNET_WEIGHTS).exists():
             raise ModelDirError(f"run model folder {path} has no {UNET_WEIGHTS}")
         read_safetensors_header(path / UNET_WEIGHTS)
         return meta
+    check_supported_layout(path)
     unet_config = _read_json(_needed(path, "unet/config.json"))
     text_config = _read_json(_needed(path, "text_encoder/config.json"))
-    _read_json(_needed(path, "scheduler/scheduler_config.json"))
+    _check_scheduler(path, _read_json(_needed(path, "scheduler/scheduler_config.json")))
     _check_tokenizer(path)
     weights = {c: component_weights(path, c, allow_pickle) for c in ("unet", "text_encoder")}
     if (path / "vae").exists():
@@ -139,10 +162,49 @@ def _check_model_dir(path: Path, allow_pickle: bool, chain: list[Path]) -> dict:
     return meta
 
 
+def check_supported_layout(path: Path) -> None:
+    """A folder of a model family diffunlearn does not load (SDXL, Flux, SD3, inpainting...) is
+    one line naming what it is and what is supported, before anything else is read."""
+    index = path / "model_index.json"
+    name = _short(path)
+    if index.is_file():
+        pipeline = _read_json(index).get("_class_name")
+        if isinstance(pipeline, str) and pipeline not in SUPPORTED_PIPELINES:
+            family = next((f for prefix, f in FAMILIES.items() if pipeline.startswith(prefix)), None)
+            what = f"a {pipeline[:60]} model" + (f" ({family})" if family else "")
+            raise ModelDirError(f"{name} holds {what}, which diffunlearn does not load; {SUPPORTED}")
+    for part, what in (("text_encoder_2", "a second text encoder (SDXL-style)"),
+                       ("transformer", "a diffusion transformer (Flux/SD3-style)")):
+        if (path / part).is_dir():
+            raise ModelDirError(f"{name} holds {what}, which diffunlearn does not load; {SUPPORTED}")
+    unet = path / "unet" / "config.json"
+    if unet.is_file():
+        config = _read_json(unet)
+        if config.get("addition_embed_type"):
+            raise ModelDirError(f"{name}/unet takes extra conditioning ({str(config['addition_embed_type'])[:30]}, "
+                                f"SDXL-style), which diffunlearn does not load; {SUPPORTED}")
+        if config.get("in_channels") != config.get("out_channels", config.get("in_channels")):
+            raise ModelDirError(f"{name}/unet takes {config.get('in_channels')} input channels for "
+                                f"{config.get('out_channels')} output ones (inpainting/depth-style), which "
+                                f"diffunlearn does not load; {SUPPORTED}")
+
+
+def _short(path: Path, limit: int = 80) -> str:
+    text = str(path)
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
+
+
 def _needed(path: Path, part: str) -> Path:
     if not (path / part).is_file():
         raise ModelDirError(f"{path} is not a model folder: missing {part}")
     return path / part
+
+
+def _check_scheduler(path: Path, config: dict) -> None:
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ModelDirError(f"{path}/scheduler: prediction_type {str(prediction)[:40]!r} is not supported; supported: "
+                            f"{', '.join(PREDICTION_TYPES)}")
 
 
 def _check_tokenizer(path: Path) -> None:
@@ -184,6 +246,19 @@ def hash_files(paths: list[Path]) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def model_components(path: Path) -> list[str]:
+    """The component folders of a model folder: the standard five that exist and every other
+    one its model_index.json names with a class (a hub folder's safety_checker, feature_extractor)."""
+    names = [c for c in STANDARD_COMPONENTS if (path / c).is_dir()]
+    index = path / "model_index.json"
+    if index.is_file():
+        for key, value in _read_json(index).items():
+            if (isinstance(value, list) and value and value[0] is not None and key not in names
+                    and (path / key).is_dir() and "/" not in key and not key.startswith(".")):
+                names.append(key)
+    return names
 
 
 def model_content_hash(path: str | Path) -> str:

@@ -201,7 +201,7 @@ def build_testbed_sd(tokenizer_dir: str | Path, vae, arch: Mapping) -> T2IModel:
         cross_attention_dim=arch["text_dim"], attention_head_dim=arch["heads"],
         norm_num_groups=arch["norm_groups"],
     )
-    # steps_offset=1 as Stable Diffusion's schedulers (StableDiffusionPipeline warns otherwise); our DDIM ignores it
+    # steps_offset=1 as Stable Diffusion's schedulers (StableDiffusionPipeline warns otherwise); our DDIM follows it
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=arch["beta_schedule"], clip_sample=False,
                               steps_offset=1)
     meta = {"kind": "testbed-sd", "image_size": arch["image_size"], "guidance_scale": arch["guidance_scale"],

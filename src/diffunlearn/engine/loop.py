@@ -10,6 +10,9 @@ Resumption is exact: all randomness of step k comes from a generator seeded by
 (seed, k), so a run resumed from a checkpoint replays the same batches and noise as an
 uninterrupted one, and reaches the same final weights.
 
+Data-parallel (engine/distributed.py): in a process group the loop averages every step's
+gradients and logged values over processes; process 0 alone writes checkpoints and runs hooks.
+
 Divergence stops the run: a NaN or infinite loss or gradient norm (checked every step,
 before the optimizer applies it) or weight (checked before every checkpoint and at the end)
 raises TrainingDiverged, so a checkpoint never holds non-finite weights and the last good
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffunlearn.engine import distributed
 from diffunlearn.engine.checkpoint import (
     load_checkpoint,
     optimizer_from_tensors,
@@ -107,10 +111,10 @@ def lr_factor(step: int, cfg: LoopConfig) -> float:
     return 1.0
 
 
-def _progress(cfg: LoopConfig, start: int):
+def _progress(cfg: LoopConfig, start: int, enabled: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, initial=start, desc=cfg.description, disable=not cfg.progress,
+    return tqdm(total=cfg.steps, initial=start, desc=cfg.description, disable=not (cfg.progress and enabled),
                 dynamic_ncols=True, leave=False)
 
 
@@ -127,6 +131,7 @@ def run_loop(
     holds a checkpoint. `extra_state` adds method-owned tensors (a mask, an EMA teacher) to it."""
     names = list(params)
     plist = [params[n] for n in names]
+    rank, size = distributed.world()
     optimizer = make_optimizer(plist, cfg)
     ema = {n: p.detach().clone() for n, p in params.items()} if cfg.ema_decay else {}
     curves: list[dict[str, float]] = []
@@ -152,7 +157,8 @@ def run_loop(
 
     def checkpoint(step: int) -> None:
         nonlocal last_checkpoint
-        if checkpoint_dir is None:
+        if checkpoint_dir is None or rank != 0:  # data-parallel: process 0 writes, the others hold the same
+            last_checkpoint = step
             return
         opt_tensors, opt_info = optimizer_to_tensors(optimizer)
         tensors = {f"param.{n}": params[n] for n in names} | {f"ema.{n}": v for n, v in ema.items()} | opt_tensors
@@ -164,6 +170,8 @@ def run_loop(
         last_checkpoint = step
 
     def run_hooks(step: int) -> None:
+        if rank != 0:  # evaluation and diagnostics are process 0's
+            return
         row: dict[str, float] = {"step": step}
         for hook in hooks or []:
             row.update(hook(step) or {})
@@ -171,12 +179,12 @@ def run_loop(
             hook_rows.append(row)
 
     t0 = time.perf_counter()
-    bar = _progress(cfg, start)
+    bar = _progress(cfg, start, enabled=rank == 0)
     if start == 0 and cfg.hook_every:
         run_hooks(0)
     try:
         for step in range(start, cfg.steps):
-            logs = train_step(step, step_fn, optimizer, plist, cfg, last_checkpoint)
+            logs = train_step(step, step_fn, optimizer, plist, cfg, last_checkpoint, world_size=size)
             if ema:
                 with torch.no_grad():
                     for n, p in params.items():
@@ -201,14 +209,18 @@ def run_loop(
 
 
 def train_step(step: int, step_fn: StepFn, optimizer: torch.optim.Optimizer, plist: list[nn.Parameter],
-               cfg: LoopConfig, last_checkpoint: int | None = None) -> dict[str, float]:
+               cfg: LoopConfig, last_checkpoint: int | None = None, world_size: int = 1) -> dict[str, float]:
     """One optimizer step of the loop: the step's learning rate, fresh gradients from `step_fn`
-    with this step's generator, clipping, the divergence check, the update. Returns the logs.
+    with this step's generator (averaged over the processes of a data-parallel group), clipping,
+    the divergence check, the update. Returns the logs.
     (benchmarks/step_overhead.py times exactly this against the raw UNet passes it needs.)"""
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * lr_factor(step, cfg)
     optimizer.zero_grad(set_to_none=True)
     logs = dict(step_fn(step, step_generator(cfg.seed, step)))
+    if world_size > 1:  # data-parallel: the mean gradient and loss of the global batch
+        distributed.average_gradients(plist)
+        logs = distributed.average_logs(logs)
     if cfg.grad_clip:
         logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip))
     _check_finite_logs(logs, step + 1, last_checkpoint)

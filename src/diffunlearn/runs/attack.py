@@ -12,6 +12,7 @@ from typing import Any
 from diffunlearn.runs.common import (
     Run,
     accelerator_peak,
+    check_device,
     load_judging,
     load_model,
     log,
@@ -33,27 +34,30 @@ def attack(name: str | None, model: str | Path | None = None, forget: list[str] 
            config: str | Path | None = None, out: str | Path | None = None, overrides: list[str] | None = None,
            threads: int | None = None, progress: bool = True, original: str | Path | None = None,
            notify: Callable[[str], None] | None = None, concepts: str | None = None, anchor: str | None = None,
-           domain: str | None = None) -> Run:
+           domain: str | None = None, device: str | None = None) -> Run:
     """Attack a model (an erase run's directory, the original model or a retrain, the latter two
     with `forget`) with `name` (`relearn` or `resurgence`): build the attack data, fine-tune,
     evaluate every `attack.eval_every` steps, and write the attack's run directory (default:
     inside the attacked run, `attacks/<name>-<id>`). Finished runs are skipped; interrupted
     ones resume. Raises TrainingDiverged (and marks the run `diverged`) on NaN or infinite values.
-    `concepts`, `anchor`, `domain`: as for `erase` (default: the attacked run's)."""
+    `concepts`, `anchor`, `domain`: as for `erase` (default: the attacked run's); `device` too."""
     from diffunlearn.runs.resolve import resolve_attack
 
     check_threads(threads)
+    check_device(device)
     resolved = resolve_attack(name, model, forget, config, overrides, original,
                               task_flags(concepts=concepts, anchor=anchor, domain=domain))
     label = f"attack {resolved.run_id} ({resolved.attack} on {resolved.model_dir})"
-    return run_or_skip(resolved, out, "attack", label, notify, threads, lambda: _load_attack(resolved, progress),
+    return run_or_skip(resolved, out, "attack", label, notify, threads,
+                       lambda: _load_attack(resolved, progress, device),
                        lambda out_dir, loaded: _execute_attack(resolved, loaded, out_dir, progress))
 
 
 def erase_then_attack(method: str, attack_name: str, forget: list[str], model: str | Path | None = None,
                       overrides: list[str] | None = None, threads: int | None = None, progress: bool = True,
                       notify: Callable[[str], None] | None = None, concepts: str | None = None,
-                      anchor: str | None = None, domain: str | None = None) -> tuple[Run, Run]:
+                      anchor: str | None = None, domain: str | None = None,
+                      device: str | None = None) -> tuple[Run, Run]:
     """The chain erase -> attack -> evaluate: `method.*` / `task.*` overrides go to the erase run,
     `attack.*` to the attack, `eval.*` and `model.allow_pickle` to both; each run lands in its
     default directory."""
@@ -62,13 +66,13 @@ def erase_then_attack(method: str, attack_name: str, forget: list[str], model: s
     erase_overrides = [o for o in overrides if not o.startswith("attack.")]
     attack_overrides = [o for o in overrides if o.startswith(("attack.", "eval.", "model.allow_pickle="))]
     erased = erase(method, forget, model=model, overrides=erase_overrides, threads=threads, progress=progress,
-                   notify=notify, concepts=concepts, anchor=anchor, domain=domain)
+                   notify=notify, concepts=concepts, anchor=anchor, domain=domain, device=device)
     attacked = attack(attack_name, erased.out, overrides=attack_overrides, threads=threads, progress=progress,
-                      notify=notify)
+                      notify=notify, device=device)
     return erased, attacked
 
 
-def _load_attack(resolved, progress: bool) -> dict[str, Any]:
+def _load_attack(resolved, progress: bool, device: str | None = None) -> dict[str, Any]:
     """The attacked and the original model, the task, the attack and the evaluator, loaded
     before the run directory is created (see runs/common.py)."""
     import torch
@@ -76,11 +80,12 @@ def _load_attack(resolved, progress: bool) -> dict[str, Any]:
     from diffunlearn.attacks import attacks
 
     torch.manual_seed(resolved.seed)
-    model = load_model(resolved.model_dir, resolved.allow_pickle)
+    model = load_model(resolved.model_dir, resolved.allow_pickle, device)
     c = resolved.attack_config
     model.autocast = c.bf16
+    model.gradient_checkpointing = c.gradient_checkpointing
     same = resolved.original_dir.resolve() == resolved.model_dir.resolve()
-    original = model if same else load_model(resolved.original_dir, resolved.allow_pickle)
+    original = model if same else load_model(resolved.original_dir, resolved.allow_pickle, device)
     task = make_task(resolved, original, progress)
     attack_obj = attacks.get(resolved.attack)(c, model, task, original=original)
     judging = load_judging(resolved.eval, resolved.concept_set) if resolved.eval.enabled else None

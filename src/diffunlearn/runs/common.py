@@ -60,11 +60,23 @@ class Run:
 
 
 def run_or_skip(resolved, out: str | Path | None, kind: str, label: str, notify: Callable[[str], None] | None,
-                threads: int | None, load: Callable[[], Any], execute: Callable[[Path, Any], Run]) -> Run:
+                threads: int | None, load: Callable[[], Any], execute: Callable[[Path, Any], Run],
+                worker: Callable[[Path, Any], Run] | None = None) -> Run:
     """The life of a run directory (see the module docstring): inspect `out` (default: the
     resolved run's), skip it if done, else `load()` what the run needs, claim the directory and
-    `execute(out, loaded)` in it while holding its lock."""
+    `execute(out, loaded)` in it while holding its lock. In a data-parallel launch the other
+    processes neither claim nor write: they `load()` and run `worker(out, loaded)`, which trains
+    alongside process 0 (engine/distributed.py)."""
+    from diffunlearn.engine import distributed
+
     out_dir = Path(out) if out else resolved.default_out()
+    if not distributed.is_main():
+        if worker is None:
+            raise ConfigError(f"{kind} runs do not train data-parallel; launch them as one process")
+        if inspect_run_dir(out_dir, resolved.run_id, kind, probe_lock=False) == "done":
+            return load_run(out_dir, skipped=True)
+        set_threads(threads)
+        return worker(out_dir, load())
     if inspect_run_dir(out_dir, resolved.run_id, kind) == "done":
         if (out_dir / "checkpoint").exists():  # killed between marking itself complete and cleaning up
             with claimed_dir(out_dir):
@@ -379,11 +391,50 @@ def load_judging(eval_cfg, concept_set) -> Judging:
     return judging
 
 
-def load_model(path: Path, allow_pickle: bool = False):
-    """The model of a run (T2IModel.from_pretrained turns load failures into ModelDirError)."""
+DEVICE_CHOICES = "cpu, cuda, cuda:N, mps or auto"
+
+
+def check_device(device: str | None) -> None:
+    """`--device`: None/auto, cpu, cuda, cuda:N or mps; the form is checked before torch loads."""
+    import re
+
+    if device is not None and not (isinstance(device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", device)):
+        raise ConfigError(f"bad value for --device: expected {DEVICE_CHOICES}, got {shown(repr(device))}")
+
+
+def resolve_device(device: str | None = None):
+    """The torch device a run uses: the one named, else CUDA when this torch build sees a GPU (in a
+    data-parallel launch, the process's own: cuda:LOCAL_RANK), else the CPU. A named device this
+    machine lacks is a one-line ConfigError."""
+    import torch
+
+    from diffunlearn.engine import distributed
+
+    check_device(device)
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if distributed.launched() \
+                else torch.device("cuda")
+        return torch.device("cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ConfigError(f"--device {device}: CUDA is not available (torch {torch.__version__}, {build}); "
+                              "install a CUDA build of torch (README 'Set-up') or use --device cpu")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device}: Apple's MPS is not available here; use --device cpu")
+    return chosen
+
+
+def load_model(path: Path, allow_pickle: bool = False, device: str | None = None):
+    """The model of a run on its device (T2IModel.from_pretrained turns load failures into
+    ModelDirError)."""
     from diffunlearn.backends.diffusers_t2i import T2IModel
 
-    return T2IModel.from_pretrained(path, allow_pickle=allow_pickle)
+    return T2IModel.from_pretrained(path, device=str(resolve_device(device)), allow_pickle=allow_pickle)
 
 
 def save_samples(path: Path, before, after) -> None:

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffunlearn.engine import distributed
 from diffunlearn.runs.common import (
     Run,
     accelerator_peak,
+    check_device,
     load_judging,
     load_model,
     log,
@@ -34,18 +36,25 @@ def erase(method: str | None, forget: list[str] | None = None, retain: list[str]
           model: str | Path | None = None, config: str | Path | None = None, out: str | Path | None = None,
           overrides: list[str] | None = None, threads: int | None = None, progress: bool = True,
           notify: Callable[[str], None] | None = None, concepts: str | None = None, anchor: str | None = None,
-          domain: str | None = None) -> Run:
+          domain: str | None = None, device: str | None = None) -> Run:
     """Erase `forget` from `model` (default: the shipped testbed) with `method`, evaluate before
     and after, and write the run directory. Finished runs are skipped; interrupted ones resume.
     `notify` receives one line saying which of the three happens. Raises TrainingDiverged (and
     marks the run `diverged`) if training produces NaN or infinite values. `concepts` (a concept-set
-    file or built-in name), `anchor` and `domain` set `task.concepts`, `task.anchor`, `task.domain`."""
+    file or built-in name), `anchor` and `domain` set `task.concepts`, `task.anchor`, `task.domain`.
+    `device`: cpu, cuda, cuda:N, mps (default: CUDA when present, else CPU; not part of the run id).
+    Started N times by `accelerate launch --num_processes N` (or torchrun), the processes train
+    data-parallel, each on 1/N of every batch; process 0 evaluates and writes."""
     check_threads(threads)
+    check_device(device)
     resolved = resolve_erase(method, forget, retain, model, config, overrides,
                              task_flags(concepts=concepts, anchor=anchor, domain=domain))
+    distributed.init()
     label = f"run {resolved.run_id} ({resolved.method}, profile {resolved.profile})"
-    return run_or_skip(resolved, out, "erase", label, notify, threads, lambda: _load_erase(resolved, progress),
-                       lambda out_dir, loaded: _execute_erase(resolved, loaded, out_dir, progress))
+    return run_or_skip(resolved, out, "erase", label, notify, threads,
+                       lambda: _load_erase(resolved, progress, device),
+                       lambda out_dir, loaded: _execute_erase(resolved, loaded, out_dir, progress),
+                       worker=lambda out_dir, loaded: _train_as_worker(resolved, loaded, out_dir))
 
 
 @dataclass
@@ -69,14 +78,15 @@ def load_erase(method: str, forget: list[str], retain: list[str] | None = None, 
     return _load_erase(resolve_erase(method, forget, retain, model, config, overrides), progress=False)
 
 
-def _load_erase(resolved: ResolvedRun, progress: bool) -> _Loaded:
+def _load_erase(resolved: ResolvedRun, progress: bool, device: str | None = None) -> _Loaded:
     import torch
 
     from diffunlearn.methods import methods
 
     torch.manual_seed(resolved.seed)
-    model = load_model(resolved.model_dir, resolved.allow_pickle)
+    model = load_model(resolved.model_dir, resolved.allow_pickle, device)
     model.autocast = resolved.method_config.bf16
+    model.gradient_checkpointing = resolved.method_config.gradient_checkpointing
     task = make_task(resolved, model, progress)
     method = methods.get(resolved.method)(resolved.method_config, model, task)
     steps = method.resolved_steps()
@@ -104,6 +114,7 @@ def _execute_erase(resolved: ResolvedRun, loaded: _Loaded, out: Path, progress: 
     before = _evaluate_cached(model, judging, task, resolved, alternatives, progress)
 
     task.prefetch()  # every training image, before training changes the model that may generate them
+    distributed.barrier()  # data-parallel: the other processes read them from the cache (_train_as_worker)
 
     params = model.set_trainable(method.param_group())
     method.setup()
@@ -155,6 +166,23 @@ def _execute_erase(resolved: ResolvedRun, loaded: _Loaded, out: Path, progress: 
     remove_checkpoint(out)
     log.info("done: %s", json.dumps({k: metrics.get("after", {}).get(k) for k in ("UA", "IRA", "CRA", "SFID")}))
     return Run(out, resolved.run_id, config, metrics)
+
+
+def _train_as_worker(resolved: ResolvedRun, loaded: _Loaded, out: Path) -> Run:
+    """A data-parallel process other than 0: the same training on its share of every batch (the
+    loop averages gradients over processes), resuming from process 0's checkpoint; it writes nothing."""
+    from diffunlearn.engine.loop import run_loop
+
+    method, model = loaded.method, loaded.model
+    distributed.barrier()  # process 0 has evaluated the original model and cached the training images
+    loaded.task.prefetch()
+    params = model.set_trainable(method.param_group())
+    method.setup()
+    if not method.closed_form:
+        loop_cfg = loop_config(resolved.method_config, loaded.steps, resolved.seed, False, "erase")
+        run_loop(params, method.step, loop_cfg, checkpoint_dir=out / "checkpoint",
+                 extra_state=method.extra_state, load_extra_state=method.load_extra_state)
+    return Run(out, resolved.run_id, {}, {})
 
 
 def _deliver_final_weights(method, params) -> None:

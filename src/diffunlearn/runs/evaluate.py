@@ -9,6 +9,7 @@ from typing import Any
 from diffunlearn.runs.common import (
     busy_message,
     check_creatable,
+    check_device,
     claimed_dir,
     is_scaffolding,
     load_judging,
@@ -24,7 +25,8 @@ RESULT = "evaluation.json"
 
 def evaluate(model: str | Path | None = None, forget: list[str] | None = None, out: str | Path | None = None,
              overrides: list[str] | None = None, threads: int | None = None, progress: bool = True,
-             allow_pickle: bool = False, concepts: str | None = None, domain: str | None = None) -> dict[str, Any]:
+             allow_pickle: bool = False, concepts: str | None = None, domain: str | None = None,
+             device: str | None = None) -> dict[str, Any]:
     """Evaluate a model (a model folder or a complete run directory) on the forget concepts of a
     concept set (`concepts`: a file or built-in name; default as for `erase`); with `out`, write
     `evaluation.json` there (the folder is locked while it is evaluated)."""
@@ -39,6 +41,7 @@ def evaluate(model: str | Path | None = None, forget: list[str] | None = None, o
     )
 
     check_threads(threads)
+    check_device(device)
     other = [o for o in overrides or [] if not o.startswith("eval.")]
     if other:
         raise ConfigError(f"evaluate takes only eval.* overrides (e.g. eval.images_per_prompt=4; the concept "
@@ -58,7 +61,7 @@ def evaluate(model: str | Path | None = None, forget: list[str] | None = None, o
         inspect_evaluation_dir(out)
 
     set_threads(threads)
-    loaded = load_model(model_dir, allow_pickle)
+    loaded = load_model(model_dir, allow_pickle, device)
     from diffunlearn.metrics.evaluate import evaluate_model
 
     judging = load_judging(eval_cfg, concept_set)
@@ -85,7 +88,8 @@ def _reference_source(concept_set, seed: int, loaded, model_dir: Path, meta: dic
     if concept_set.images.source != "generated":
         return image_source(concept_set, seed)
     original_dir = original_of(model_dir, meta)
-    original = loaded if original_dir.resolve() == model_dir.resolve() else load_model(original_dir, allow_pickle)
+    original = (loaded if original_dir.resolve() == model_dir.resolve()
+                else load_model(original_dir, allow_pickle, str(loaded.device)))
     return image_source(concept_set, seed, original, cache_dir(), progress)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from diffunlearn.backends.model_dir import ModelDirError, check_model_dir, model_content_hash
+from diffunlearn.backends.single_file import is_single_file
 from diffunlearn.config import (
     MAX_SEED,
     ConfigError,
@@ -140,9 +141,12 @@ def is_testbed(model_dir: Path, meta: dict) -> bool:
 
 
 class ModelSection(StrictModel):
-    path: str | None = Field(None, description="model folder or run directory; default: the shipped testbed")
-    allow_pickle: bool = Field(False, description="load .bin (pickle) weights with torch.load(weights_only=True) "
-                               "where a component has no safetensors file")
+    path: str | None = Field(None, description="model folder, run directory or single-file checkpoint "
+                             "(.safetensors; .ckpt with allow_pickle); default: the shipped testbed")
+    allow_pickle: bool = Field(False, description="load .bin/.ckpt (pickle) weights with torch.load(weights_only=True) "
+                               "where there is no safetensors file")
+    config: str | None = Field(None, description="for a single-file checkpoint: the Stable Diffusion folder its "
+                               "configs and tokenizer come from (its weights are not read)")
 
 
 class SeedSection(StrictModel):
@@ -179,10 +183,21 @@ class ResolvedRun:
     def run_id(self) -> str:
         data = self.as_dict()
         data["model"] = {"hash": self.model_hash}  # the path may differ between machines
+        _drop_resource_settings(data["method"])
         return config_hash({"config": data, "versions": self.versions})
 
     def default_out(self) -> Path:
         return Path("runs") / f"{self.method}-{self.run_id}"
+
+
+# settings that change memory or speed but not a single number of the result: like --threads and
+# --device they are recorded in config.yaml but not hashed into the run id
+RESOURCE_SETTINGS = ("gradient_checkpointing",)
+
+
+def _drop_resource_settings(section: dict[str, Any]) -> None:
+    for key in RESOURCE_SETTINGS:
+        section.pop(key, None)
 
 
 def model_entry(model_dir: Path, model_hash: str, allow_pickle: bool) -> dict[str, Any]:
@@ -237,6 +252,14 @@ def resolve_model(data: dict[str, Any]) -> tuple[Path, dict[str, Any], bool]:
         raise ConfigError(f"bad value for 'model': expected a folder path, got {shown(repr(model_value))}")
     section = build(ModelSection, model_value if isinstance(model_value, dict) else {"path": model_value}, "model.")
     model_dir = model_folder(section.path)
+    if is_single_file(model_dir):
+        from diffunlearn.backends.single_file import check_single_file, converted_folder
+        from diffunlearn.data.tasks import cache_dir
+
+        check_single_file(model_dir, section.config, section.allow_pickle)  # torch-free; then convert once
+        model_dir = converted_folder(model_dir, Path(section.config), section.allow_pickle, cache_dir())
+    elif section.config is not None:
+        raise ConfigError("model.config is for a single-file checkpoint; a model folder holds its own configs")
     return model_dir, check_model_dir(model_dir, section.allow_pickle), section.allow_pickle
 
 
@@ -413,6 +436,7 @@ class ResolvedAttack:
         data = self.as_dict()
         data["model"] = {"hash": self.model_hash}
         data.pop("original")  # a path; the attacked model's hash already pins its base
+        _drop_resource_settings(data["attack"])
         return config_hash({"config": data, "versions": self.versions})
 
     def default_out(self) -> Path:
