@@ -316,6 +316,15 @@ def test_a_diverged_run_counts_as_failed_and_is_never_retried(tmp_path, tiny_mod
     assert rows["g/default/core/dotted/s0"]["status"] == "diverged"
 
 
+def test_bench_exits_3_when_every_failure_diverged_and_1_when_a_run_crashed():
+    from diffunlearn.bench.grid import GridResult
+    from diffunlearn.cli import bench_exit_status
+
+    diverged = GridResult(done=["b"], skipped=[], failed=["a"], blocked=["a/relearn-i"], seconds=1.0, diverged=["a"])
+    crashed = GridResult(done=[], skipped=[], failed=["a", "c"], blocked=[], seconds=1.0, diverged=["a"])
+    assert bench_exit_status(diverged) == 3 and bench_exit_status(crashed) == 1
+
+
 def test_worker_reports_diverged_runs_and_run_directories_in_use(tmp_path, tiny_model_dir, tiny_evaluator_dir,
                                                                  monkeypatch):
     """The worker's side, without training: a run that raises TrainingDiverged, or whose run.json

@@ -455,7 +455,13 @@ def bench(
         typer.echo("diverged (NaN/inf; not retried: change the settings, e.g. a lower method.lr): "
                    + ", ".join(result.diverged), err=True)
     if not result.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(bench_exit_status(result))
+
+
+def bench_exit_status(result) -> int:
+    """3 when every failed run diverged (as `erase` exits on divergence; the runs they block
+    included), else 1: a crashed run needs a look at its log, a diverged one new settings."""
+    return 3 if result.diverged and set(result.failed) <= set(result.diverged) else 1
 
 
 @app.command()
