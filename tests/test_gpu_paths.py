@@ -79,7 +79,7 @@ def test_bf16_autocast_runs_the_unet_in_bf16_and_returns_float32(model):
     x, t, cond = _inputs(model)
     seen = []
     hook = model.unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    model.autocast = True
+    model.set_precision(bf16=True)
     out = model.eps(x, t, cond)
     hook.remove()
     assert seen == [torch.bfloat16] and out.dtype == torch.float32

@@ -315,9 +315,18 @@ class TrainConfig(StrictModel):
     log_every: int = Field(5, ge=1)
     bf16: bool = Field(False, description="bf16 autocast for UNet forwards (mixed precision; the weights, their "
                        "gradients and the optimizer stay float32)")
+    fp16: bool = Field(False, description="fp16 autocast for UNet forwards with dynamic loss scaling (torch.amp."
+                       "GradScaler: steps whose scaled gradients overflow are skipped and the scale halved), for "
+                       "GPUs without bf16; the weights, their gradients and the optimizer stay float32")
     gradient_checkpointing: bool = Field(False, description="recompute the UNet's activations in the backward pass: "
                                          "less GPU memory, about a third more time, the same numbers (so not part "
                                          "of the run id)")
+
+    @model_validator(mode="after")
+    def _one_mixed_precision(self) -> TrainConfig:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are alternatives; set at most one")
+        return self
 
 
 class TaskConfig(StrictModel):

@@ -279,9 +279,11 @@ def forget_gradients(backend: Backend, task: UnlearningTask, batch_size: int, ba
                 requests.append((x_t, batch.t, batch.prompts["empty"]))
             eps = _batched(backend.eps, requests, backend)
             pred = eps[0] if not guidance else (1 + guidance) * eps[0] - guidance * eps[1]
-            (pred - backend.noise_target(batch.x0, batch.noise, batch.t)).pow(2).mean().backward()
-            # fresh tensors each batch (p.grad was None), so the caller may keep them
-            yield {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+            backend.backward((pred - backend.noise_target(batch.x0, batch.noise, batch.t)).pow(2).mean())
+            # fresh tensors each batch (p.grad was None), so the caller may keep them; unscaled under fp16
+            scale = backend.loss_scale
+            yield {n: (p.grad if scale == 1.0 else p.grad / scale) if p.grad is not None else torch.zeros_like(p)
+                   for n, p in params.items()}
     finally:
         for p in params.values():
             p.grad = None

@@ -112,7 +112,7 @@ class Attack:
         """One step of the plain denoising loss on the attack data."""
         x0, prompts = self.prepare().batch(self.cfg.batch_size, gen)
         loss = denoising_loss(self.backend, x0, prompts, gen)
-        loss.backward()
+        self.backend.backward(loss)
         return {"loss": float(loss.detach())}
 
     def finish(self) -> list[str]:

@@ -70,6 +70,18 @@ class Backend(Protocol):
     def teacher_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The frozen original model's prediction, without a second model copy."""
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, times the fp16 loss scale when one is set (the loop unscales the
+        parameters' gradients): every method and attack computes its gradients through this or
+        `grad`, so fp16 mixed precision needs nothing of them."""
+
+    def grad(self, loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """`torch.autograd.grad(loss, inputs)`, computed under the loss scale and returned unscaled."""
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor by which the gradients `backward` leaves in `.grad` are scaled (1 without fp16)."""
+
     def teacher_params(self) -> dict[str, torch.Tensor]:
         """The snapshot of the trained group that `teacher_eps` evaluates."""
 

@@ -190,7 +190,8 @@ class T2IModel:
             unet, text_encoder, tokenizer, scheduler, vae)
         self.meta = dict(meta or {})
         self.device = torch.device(device)
-        self.autocast = False
+        self.autocast: torch.dtype | None = None  # mixed precision of UNet forwards (set_precision)
+        self.loss_scaler: torch.amp.GradScaler | None = None  # fp16's dynamic loss scale
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
         # the scheduler config as written (any scheduler class): the DDIM sampler is built from it, so
@@ -492,10 +493,30 @@ class T2IModel:
             return (x_t - alpha * output) / sigma, output
         return alpha * output + sigma * x_t, alpha * x_t - sigma * output
 
+    def set_precision(self, bf16: bool = False, fp16: bool = False) -> None:
+        """UNet forwards in float32 (default), bf16 or fp16 autocast; fp16 also gets a dynamic loss
+        scale (gradients through fp16 activations underflow without one), which the training loop
+        takes from `loss_scaler`."""
+        self.autocast = torch.bfloat16 if bf16 else torch.float16 if fp16 else None
+        self.loss_scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+
     def _autocast(self):
-        if self.autocast:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.autocast is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast)
         return contextlib.nullcontext()
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.loss_scaler.get_scale()) if self.loss_scaler is not None else 1.0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.loss_scaler.scale(loss) if self.loss_scaler is not None else loss).backward()
+
+    def grad(self, loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self.loss_scaler is None:
+            return torch.autograd.grad(loss, inputs)
+        scale = self.loss_scale
+        return tuple(g / scale for g in torch.autograd.grad(self.loss_scaler.scale(loss), inputs))
 
     @property
     def gradient_checkpointing(self) -> bool:

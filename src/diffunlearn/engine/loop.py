@@ -13,6 +13,11 @@ uninterrupted one, and reaches the same final weights.
 Data-parallel (engine/distributed.py): in a process group the loop averages every step's
 gradients and logged values over processes; process 0 alone writes checkpoints and runs hooks.
 
+Mixed precision in fp16 (`loss_scaler`, a torch.amp.GradScaler the step's backward passes
+used through the backend): the loop unscales the gradients before clipping, skips a step whose
+scaled gradients overflowed (halving the scale, as GradScaler does; not a divergence) and keeps
+the scale in its checkpoints.
+
 Divergence stops the run: a NaN or infinite loss or gradient norm (checked every step,
 before the optimizer applies it) or weight (checked before every checkpoint and at the end)
 raises TrainingDiverged, so a checkpoint never holds non-finite weights and the last good
@@ -126,9 +131,11 @@ def run_loop(
     hooks: list[Hook] | None = None,
     extra_state: Callable[[], dict[str, torch.Tensor]] | None = None,
     load_extra_state: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    loss_scaler: torch.amp.GradScaler | None = None,
 ) -> LoopResult:
     """Train `params` for `cfg.steps` steps of `step_fn`, resuming from `checkpoint_dir` if it
-    holds a checkpoint. `extra_state` adds method-owned tensors (a mask, an EMA teacher) to it."""
+    holds a checkpoint. `extra_state` adds method-owned tensors (a mask, an EMA teacher) to it;
+    `loss_scaler` is fp16's loss scale, the one `step_fn`'s backward passes multiply by."""
     names = list(params)
     plist = [params[n] for n in names]
     rank, size = distributed.world()
@@ -149,6 +156,8 @@ def run_loop(
             optimizer_from_tensors(optimizer, tensors, info["optimizer"])
             if load_extra_state:
                 load_extra_state({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
+            if loss_scaler is not None:
+                loss_scaler.load_state_dict(info["loss_scaler"])
             start, curves, hook_rows, elapsed = info["step"], info["curves"], info["hook_rows"], info["seconds"]
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint in {checkpoint_dir} does not fit this run ({type(err).__name__}); "
@@ -166,6 +175,8 @@ def run_loop(
             tensors |= {f"extra.{k}": v for k, v in extra_state().items()}
         info = {"optimizer": opt_info, "curves": curves, "hook_rows": hook_rows,
                 "seconds": elapsed + time.perf_counter() - t0}
+        if loss_scaler is not None:
+            info["loss_scaler"] = loss_scaler.state_dict()
         save_checkpoint(checkpoint_dir, step, tensors, info)
         last_checkpoint = step
 
@@ -184,7 +195,8 @@ def run_loop(
         run_hooks(0)
     try:
         for step in range(start, cfg.steps):
-            logs = train_step(step, step_fn, optimizer, plist, cfg, last_checkpoint, world_size=size)
+            logs = train_step(step, step_fn, optimizer, plist, cfg, last_checkpoint, world_size=size,
+                              loss_scaler=loss_scaler)
             if ema:
                 with torch.no_grad():
                     for n, p in params.items():
@@ -209,10 +221,11 @@ def run_loop(
 
 
 def train_step(step: int, step_fn: StepFn, optimizer: torch.optim.Optimizer, plist: list[nn.Parameter],
-               cfg: LoopConfig, last_checkpoint: int | None = None, world_size: int = 1) -> dict[str, float]:
+               cfg: LoopConfig, last_checkpoint: int | None = None, world_size: int = 1,
+               loss_scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One optimizer step of the loop: the step's learning rate, fresh gradients from `step_fn`
-    with this step's generator (averaged over the processes of a data-parallel group), clipping,
-    the divergence check, the update. Returns the logs.
+    with this step's generator (averaged over the processes of a data-parallel group; unscaled
+    under fp16), clipping, the divergence check, the update. Returns the logs.
     (benchmarks/step_overhead.py times exactly this against the raw UNet passes it needs.)"""
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * lr_factor(step, cfg)
@@ -221,10 +234,30 @@ def train_step(step: int, step_fn: StepFn, optimizer: torch.optim.Optimizer, pli
     if world_size > 1:  # data-parallel: the mean gradient and loss of the global batch
         distributed.average_gradients(plist)
         logs = distributed.average_logs(logs)
+    if loss_scaler is not None:
+        return _scaled_update(logs, optimizer, plist, cfg, loss_scaler, step, last_checkpoint)
     if cfg.grad_clip:
         logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip))
     _check_finite_logs(logs, step + 1, last_checkpoint)
     optimizer.step()
+    return logs
+
+
+def _scaled_update(logs: dict[str, float], optimizer: torch.optim.Optimizer, plist: list[nn.Parameter],
+                   cfg: LoopConfig, loss_scaler: torch.amp.GradScaler, step: int,
+                   last_checkpoint: int | None) -> dict[str, float]:
+    """The update under fp16 loss scaling: unscale, clip, then step unless the scaled gradients
+    overflowed (GradScaler skips that step and halves the scale). A non-finite loss is still a
+    divergence; an overflowing gradient is the scale's business, logged as `skipped_overflow`."""
+    loss_scaler.unscale_(optimizer)
+    grads = [p.grad for p in plist if p.grad is not None]
+    overflow = not all(bool(torch.isfinite(g).all()) for g in grads)
+    if cfg.grad_clip and not overflow:
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip))
+    _check_finite_logs(logs, step + 1, last_checkpoint)
+    logs["loss_scale"], logs["skipped_overflow"] = float(loss_scaler.get_scale()), float(overflow)
+    loss_scaler.step(optimizer)
+    loss_scaler.update()
     return logs
 
 

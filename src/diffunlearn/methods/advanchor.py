@@ -124,7 +124,8 @@ class AdvAnchor(Method):
                 met = True
                 break
             optimizer.zero_grad()
-            (-loss).backward()  # maximise L_adv
+            for p, g in zip(params.values(), self.backend.grad(-loss, list(params.values())), strict=True):
+                p.grad = g  # maximise L_adv
             optimizer.step()
             updates += 1
         self.adv_iterations.append(updates)
@@ -148,7 +149,7 @@ class AdvAnchor(Method):
         loss_op = (pred_pu - target_anchor).flatten(1).norm(dim=1).mean()
         loss_reg = (pred_empty - target_empty).flatten(1).norm(dim=1).mean()
         total = loss_op + self.cfg.lam * loss_reg
-        total.backward()
+        self.backend.backward(total)
         return {"loss": float(total.detach()), "loss_op": float(loss_op.detach()),
                 "loss_reg": float(loss_reg.detach()), "anchor_met": float(met),
                 "adv_iterations": float(self.adv_iterations[-1]) if self.adv_iterations else 0.0}

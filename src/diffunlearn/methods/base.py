@@ -63,7 +63,7 @@ class Method:
     def step(self, step: int, gen: torch.Generator) -> dict[str, float]:
         """Compute this step's gradients; the loop clips and applies them."""
         total, logs = compute_loss(self.terms(), self.backend, self.task, self.cfg.batch_size, gen)
-        total.backward()
+        self.backend.backward(total)
         return logs
 
     def apply_closed_form(self) -> dict[str, float]:

@@ -143,24 +143,26 @@ class EraseDiff(Method):
             return term_losses([forget], ParamsView(model, student=param_values), [batch_f], fixed)["forget"]
 
         loss_f = forget_loss(None)
-        grad_f = torch.autograd.grad(loss_f, [params[n] for n in names])
+        grad_f = model.grad(loss_f, [params[n] for n in names])
         # phi starts at theta (sharing its storage: neither is changed in place) and descends on L_f
         phi = [params[n].detach().requires_grad_(True) for n in names]
         for _ in range(cfg.inner_steps):
-            grads = torch.autograd.grad(forget_loss(dict(zip(names, phi, strict=True))), phi)
+            grads = model.grad(forget_loss(dict(zip(names, phi, strict=True))), phi)
             with torch.no_grad():
                 phi = [p.requires_grad_(True) for p in torch._foreach_add(phi, grads, alpha=-cfg.inner_lr)]
         with torch.no_grad():
             value_g = float(loss_f.detach() - forget_loss(dict(zip(names, phi, strict=True))))
 
         loss_r = term_losses([retain], model, [batch_r], gen)["retain"]
-        grad_r = torch.autograd.grad(loss_r, [params[n] for n in names])
+        grad_r = model.grad(loss_r, [params[n] for n in names])
         dots = GradientDots(_flat(grad_r), _flat(grad_f))
         lam = lambda_from_dots(dots, cfg.lambda_mode, cfg.eta_a, cfg.lambda_fixed)
         # the update direction grad_r + lambda grad_f, tensor by tensor (out of place: autograd may hand
         # two inputs one shared gradient tensor)
+        # .grad holds loss-scaled gradients, as a backward pass under fp16 would leave them (1: no-op)
+        scale = model.loss_scale
         for n, direction in zip(names, torch._foreach_add(grad_r, grad_f, alpha=lam), strict=True):
-            params[n].grad = direction
+            params[n].grad = direction if scale == 1.0 else direction * scale
         cos_retain, cos_forget = dots.update_cosines(lam)
         loss_r, loss_f = float(loss_r.detach()), float(loss_f.detach())
         return {"loss": loss_r + lam * loss_f, "loss_retain": loss_r, "loss_forget": loss_f,

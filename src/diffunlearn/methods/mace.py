@@ -173,7 +173,8 @@ class MACE(Method):
 
         params = self.add_concept_lora(concept)
         try:
-            run_loop(params, lambda k, gen: self.attention_step(concept, gen), self.lora_loop_config(concept))
+            run_loop(params, lambda k, gen: self.attention_step(concept, gen), self.lora_loop_config(concept),
+                     loss_scaler=self.backend.loss_scaler)
             return self.backend.lora_deltas(f"mace-{concept}")
         finally:
             self.backend.remove_lora()
@@ -202,7 +203,7 @@ class MACE(Method):
         with self.backend.capture_attention() as store:
             self.backend.eps(self.backend.add_noise(x0, noise, t), t, self.backend.encode(prompts))
         loss = attention_in_mask(store, masks.to(x0.device), positions)
-        loss.backward()
+        self.backend.backward(loss)
         return {"loss": float(loss.detach())}
 
     def lora_timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:

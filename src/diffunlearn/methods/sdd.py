@@ -72,7 +72,7 @@ class SDD(Method):
         # the EMA is the teacher of this view: it samples x_t; the target is the student's own
         total, logs = compute_loss(self.terms(), ParamsView(self.backend, teacher=self.ema), self.task,
                                    self.cfg.batch_size, gen)
-        total.backward()
+        self.backend.backward(total)
         return logs
 
     def final_weights(self) -> dict[str, torch.Tensor]:

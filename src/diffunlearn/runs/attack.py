@@ -82,7 +82,7 @@ def _load_attack(resolved, progress: bool, device: str | None = None) -> dict[st
     torch.manual_seed(resolved.seed)
     model = load_model(resolved.model_dir, resolved.allow_pickle, device)
     c = resolved.attack_config
-    model.autocast = c.bf16
+    model.set_precision(bf16=c.bf16, fp16=c.fp16)
     model.gradient_checkpointing = c.gradient_checkpointing
     same = resolved.original_dir.resolve() == resolved.model_dir.resolve()
     original = model if same else load_model(resolved.original_dir, resolved.allow_pickle, device)
@@ -125,7 +125,7 @@ def _execute_attack(resolved, loaded: dict[str, Any], out: Path, progress: bool)
                             hook_every=c.eval_every or c.steps)
     model.counters = dict.fromkeys(model.counters, 0)
     result = run_loop(params, attack_obj.step, loop_cfg, checkpoint_dir=out / "checkpoint",
-                      hooks=[watcher])
+                      hooks=[watcher], loss_scaler=model.loss_scaler)
     write_curves(out / "curves.csv", result.curves)
     write_curves(out / "attack_curve.csv", result.hook_rows)
     changed = attack_obj.finish()

@@ -85,7 +85,7 @@ def _load_erase(resolved: ResolvedRun, progress: bool, device: str | None = None
 
     torch.manual_seed(resolved.seed)
     model = load_model(resolved.model_dir, resolved.allow_pickle, device)
-    model.autocast = resolved.method_config.bf16
+    model.set_precision(bf16=resolved.method_config.bf16, fp16=resolved.method_config.fp16)
     model.gradient_checkpointing = resolved.method_config.gradient_checkpointing
     task = make_task(resolved, model, progress)
     method = methods.get(resolved.method)(resolved.method_config, model, task)
@@ -131,7 +131,8 @@ def _execute_erase(resolved: ResolvedRun, loaded: _Loaded, out: Path, progress: 
     else:
         result = run_loop(params, method.step, loop_cfg, checkpoint_dir=out / "checkpoint",
                           hooks=[lambda step: tracker(dict(model.unet.named_parameters()))],
-                          extra_state=method.extra_state, load_extra_state=method.load_extra_state)
+                          extra_state=method.extra_state, load_extra_state=method.load_extra_state,
+                          loss_scaler=model.loss_scaler)
     _deliver_final_weights(method, params)
     write_curves(out / "curves.csv", result.curves)
     if result.hook_rows:
@@ -181,7 +182,8 @@ def _train_as_worker(resolved: ResolvedRun, loaded: _Loaded, out: Path) -> Run:
     if not method.closed_form:
         loop_cfg = loop_config(resolved.method_config, loaded.steps, resolved.seed, False, "erase")
         run_loop(params, method.step, loop_cfg, checkpoint_dir=out / "checkpoint",
-                 extra_state=method.extra_state, load_extra_state=method.load_extra_state)
+                 extra_state=method.extra_state, load_extra_state=method.load_extra_state,
+                 loss_scaler=model.loss_scaler)
     return Run(out, resolved.run_id, {}, {})
 
 
