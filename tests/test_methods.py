@@ -649,7 +649,7 @@ def test_mace_paper_profile_trains_loras_with_the_official_adamw(tiny_model_dir,
 
     model, method = _mace(tiny_model_dir, ["method.profile=paper"])
     seen = []
-    monkeypatch.setattr(loop, "run_loop", lambda params, step, cfg: seen.append((params, cfg)))
+    monkeypatch.setattr(loop, "run_loop", lambda params, step, cfg, **kw: seen.append((params, cfg)))
     method.train_lora("dotted")
     params, cfg = seen[0]
     assert (cfg.optimizer, cfg.weight_decay, cfg.grad_clip, cfg.lr, cfg.steps, cfg.schedule) == (
