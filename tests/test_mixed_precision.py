@@ -89,7 +89,7 @@ def test_an_overflowing_step_is_skipped_and_halves_the_scale_without_diverging()
     cfg = LoopConfig(steps=2, lr=0.5, optimizer="sgd", grad_clip=1.0, log_every=1, progress=False)
     result = run_loop({"w": w}, _overflow_then_plain(w, scaler), cfg, loss_scaler=scaler)
     assert [r["skipped_overflow"] for r in result.curves] == [1.0, 0.0]
-    assert [r["loss_scale"] for r in result.curves] == [2.0**16, 2.0**15]
+    assert [r["fp16_scale"] for r in result.curves] == [2.0**16, 2.0**15]
     assert "grad_norm" not in result.curves[0]
     assert math.isclose(result.curves[1]["grad_norm"], math.sqrt(2), rel_tol=1e-6)
     # only step 1 moved w: d(sum w)/dw = 1 per entry, clipped to norm 1 -> 1/sqrt(2) each, times lr 0.5
@@ -105,7 +105,7 @@ def test_the_loss_scale_survives_a_resume(tmp_path):
     longer = LoopConfig(steps=2, lr=0.5, optimizer="sgd", log_every=1, progress=False)
     result = run_loop({"w": w}, _overflow_then_plain(w, fresh), longer, checkpoint_dir=tmp_path / "ckpt",
                       loss_scaler=fresh)
-    assert result.resumed_from == 1 and result.curves[-1]["loss_scale"] == 2.0**15
+    assert result.resumed_from == 1 and result.curves[-1]["fp16_scale"] == 2.0**15
 
 
 @pytest.mark.parametrize("which, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
@@ -131,7 +131,7 @@ def test_fp16_erase_runs_end_to_end_on_a_stable_diffusion_folder(sd_pipeline_dir
                             overrides=["method.fp16=true", "method.steps=3", "method.batch_size=1",
                                        "method.log_every=1", "eval.enabled=false"], progress=False)
     curves = (run.out / "curves.csv").read_text().splitlines()
-    assert "loss_scale" in curves[0] and len(curves) == 4
+    assert "fp16_scale" in curves[0] and len(curves) == 4
     assert run.config["method"]["fp16"] is True
 
 

@@ -234,28 +234,18 @@ def train_step(step: int, step_fn: StepFn, optimizer: torch.optim.Optimizer, pli
     if world_size > 1:  # data-parallel: the mean gradient and loss of the global batch
         distributed.average_gradients(plist)
         logs = distributed.average_logs(logs)
-    if loss_scaler is not None:
-        return _scaled_update(logs, optimizer, plist, cfg, loss_scaler, step, last_checkpoint)
-    if cfg.grad_clip:
-        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip))
-    _check_finite_logs(logs, step + 1, last_checkpoint)
-    optimizer.step()
-    return logs
-
-
-def _scaled_update(logs: dict[str, float], optimizer: torch.optim.Optimizer, plist: list[nn.Parameter],
-                   cfg: LoopConfig, loss_scaler: torch.amp.GradScaler, step: int,
-                   last_checkpoint: int | None) -> dict[str, float]:
-    """The update under fp16 loss scaling: unscale, clip, then step unless the scaled gradients
-    overflowed (GradScaler skips that step and halves the scale). A non-finite loss is still a
-    divergence; an overflowing gradient is the scale's business, logged as `skipped_overflow`."""
-    loss_scaler.unscale_(optimizer)
-    grads = [p.grad for p in plist if p.grad is not None]
-    overflow = not all(bool(torch.isfinite(g).all()) for g in grads)
+    overflow = False
+    if loss_scaler is not None:  # fp16: unscale; an overflow is the scale's business, not a divergence
+        loss_scaler.unscale_(optimizer)
+        overflow = not all(bool(torch.isfinite(p.grad).all()) for p in plist if p.grad is not None)
     if cfg.grad_clip and not overflow:
         logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip))
     _check_finite_logs(logs, step + 1, last_checkpoint)
-    logs["loss_scale"], logs["skipped_overflow"] = float(loss_scaler.get_scale()), float(overflow)
+    if loss_scaler is None:
+        optimizer.step()
+        return logs
+    # GradScaler skips the update of an overflowing step and halves the scale
+    logs["fp16_scale"], logs["skipped_overflow"] = float(loss_scaler.get_scale()), float(overflow)
     loss_scaler.step(optimizer)
     loss_scaler.update()
     return logs
