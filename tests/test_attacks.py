@@ -149,6 +149,23 @@ def test_distance_tracker_measures_the_way_back():
     assert away["dist_unlearned"] == 0 and away["dist_full"] == pytest.approx(3 ** 0.5)
 
 
+def test_distance_tracker_gives_the_direction_of_travel():
+    """toward_g = cos(theta_t - theta_0, theta* - theta_0), worked by hand: the start differs from
+    the original by (3, 0) on xattn and (0, 4, 0) on the untrained conv weight."""
+    original = {"down.attn2.to_k.weight": torch.zeros(2), "down.conv.weight": torch.zeros(3)}
+    start = {"down.attn2.to_k.weight": torch.tensor([3.0, 0.0]), "down.conv.weight": torch.tensor([0.0, 4.0, 0.0])}
+    tracker = DistanceTracker(original, start, trained=["down.attn2.to_k.weight"])
+    assert tracker(start)["toward_full"] == 0.0  # no move yet: no direction
+    back = tracker({**start, "down.attn2.to_k.weight": torch.zeros(2)})
+    # step (-3, 0 | 0, 0, 0) against the way back (-3, 0 | 0, -4, 0): 9 / (3 * 5) on the whole UNet
+    assert back["toward_xattn"] == pytest.approx(1.0) and back["toward_full"] == pytest.approx(0.6)
+    assert back["toward_noxattn"] == 0.0  # nothing of it trained
+    sideways = tracker({**start, "down.attn2.to_k.weight": torch.tensor([3.0, 2.0])})
+    assert sideways["toward_xattn"] == pytest.approx(0.0)
+    away = tracker({**start, "down.attn2.to_k.weight": torch.tensor([6.0, 0.0])})
+    assert away["toward_xattn"] == pytest.approx(-1.0) and away["toward_unlearned"] == pytest.approx(-0.6)
+
+
 def test_every_attack_config_validates_and_has_both_profiles():
     for name in attacks.names():
         cls = attacks.get(name)
@@ -215,3 +232,20 @@ def test_attack_on_the_original_model_needs_forget(tiny_model_dir, tiny_evaluato
     assert run.metrics["summary"]["distance_to_original_before"] == 0  # the original is its own reference
     assert run.metrics["summary"]["moved"] > 0
     assert run.metrics["alternatives"] is None
+
+
+def test_attack_summary_reads_its_figures_off_the_curve():
+    """AR_MU is the first point, AR_DiMRA the largest after step 0 (and its step), the distances
+    per group before/after, the share travelled back and the final direction of travel."""
+    from diffunlearn.runs.attack import attack_summary
+
+    def row(step, top1, top3, dist, toward):
+        return {"step": step, "AR_MU_top1": top1, "AR_MU_top3": top3, "dist_unlearned": dist, "dist_full": dist,
+                "moved_full": 4.0 - dist, "dist_xattn": dist / 2, "toward_unlearned": toward}
+
+    s = attack_summary([row(0, 5.0, 20.0, 4.0, 0.0), row(50, 30.0, 60.0, 3.0, 0.5), row(100, 10.0, 70.0, 1.0, 0.9)])
+    assert (s["AR_MU_top1"], s["AR_DiMRA_top1"], s["AR_DiMRA_top1_step"]) == (5.0, 30.0, 50)
+    assert (s["AR_DiMRA_top3"], s["AR_DiMRA_top3_step"], s["AR_final_top1"]) == (70.0, 100, 10.0)
+    assert s["travelled_back"] == 3.0 and s["travelled_back_fraction"] == pytest.approx(0.75)
+    assert (s["dist_xattn_before"], s["dist_xattn_after"], s["toward_unlearned"]) == (2.0, 0.5, 0.9)
+    assert "toward_xattn" not in s  # a group the curve does not hold is left out, not invented

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from diffunlearn.config import ConfigError
+from diffunlearn.metrics import DISTANCE_GROUPS
 
 EVALUATION_KEYS = ("UA", "UA_partial", "IRA", "CRA", "SFID", "Total", "FID", "KID", "precision", "recall",
                    "AR_MU_top1", "AR_MU_top3", "AR_CL", "p_forget", "entropy")
@@ -35,7 +36,9 @@ SUMMARY_KEYS = ("AR_MU_top1", "AR_MU_top3", "AR_DiMRA_top1", "AR_DiMRA_top3", "A
                 "AR_CL_before", "AR_CL_min", "retain_acc_before", "retain_acc_after", "IRA_before", "IRA_after",
                 "CRA_before", "CRA_after", "FID_before", "FID_after", "UA_before", "UA_after",
                 "distance_to_original_before", "distance_to_original_after", "travelled_back",
-                "travelled_back_fraction", "distance_full_after", "moved", "resurgence")
+                "travelled_back_fraction", "distance_full_after", "moved", "resurgence",
+                *(f"{kind}_{g}{when}" for g in DISTANCE_GROUPS
+                  for kind, when in (("dist", "_before"), ("dist", "_after"), ("toward", ""))))
 DISTANCE_KEYS = ("weight_distance.l2", "weight_distance.relative")
 TRACE_KEYS = ("cos_update_retain", "cos_update_forget", "lambda_t")  # per-step traces summarised by their mean
 RUN_KEYS = ("seconds", "cpu_seconds")  # wall and CPU time of the whole run, measured by the worker

@@ -1,5 +1,9 @@
 """Evaluation metrics. `METRIC_HELP` is torch-free, for `diffunlearn ls metrics`."""
 
+# the weight groups in which diagnostics.DistanceTracker measures distance and direction of travel:
+# xattn and noxattn partition full; unlearned = the weights an unlearning changed
+DISTANCE_GROUPS = ("xattn", "noxattn", "full", "unlearned")
+
 METRIC_HELP = {
     "UA": "% of forget-prompt generations NOT classified as the forget concept (full template) [001]",
     "UA_partial": "UA on partial prompts ('an image in {style} style', 'an image of {object}')",
@@ -24,5 +28,8 @@ METRIC_HELP = {
     "CLIP_score_forget": "the CLIP score of forget generations with their own prompts (clip evaluator)",
     "nudenet": "NudeNet exposed body parts counted per class on forget / retain generations (nudenet) [003][004]",
     "weight_distance": "L2 distance and relative change of the trained weights from the original",
+    "toward_unlearned": "direction of an attack's travel: cos(its move, the way back to the original) on the "
+                        "weights unlearning changed; +1 straight back, 0 elsewhere, -1 away (also _xattn, _noxattn, "
+                        "_full) [002] §IV",
     "cost": "wall time, peak memory (RSS), optimizer steps",
 }

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
+from diffunlearn.metrics import DISTANCE_GROUPS
+
 
 @torch.no_grad()
 def weight_distance(original: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -18,7 +20,6 @@ def weight_distance(original: Mapping[str, torch.Tensor], current: Mapping[str, 
     return {"l2": float(diff), "relative": float(diff / norm.clamp_min(1e-12)), "tensors": len(names)}
 
 
-DISTANCE_GROUPS = ("xattn", "noxattn", "full", "unlearned")
 
 
 def weight_groups(name: str, unlearned: bool = False) -> tuple[str, ...]:
@@ -34,7 +35,10 @@ class DistanceTracker:
 
     Only the `trained` weights are copied; every other weight keeps its start value, so its
     contribution is computed once. An attack on an unlearned model then shows the distance
-    travelled back toward the original weights: dist_unlearned(0) - dist_unlearned(t).
+    travelled back toward the original weights: dist_unlearned(0) - dist_unlearned(t), and its
+    direction of travel ([002] §IV's mechanism): toward_g = cos(theta_t - theta_0, theta* - theta_0)
+    on group g, +1 straight back to the original, 0 orthogonal (the run went elsewhere), -1 straight
+    away; 0 where either vector is zero (no move, or a group the start shares with the original).
     """
 
     def __init__(self, original: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
@@ -47,6 +51,7 @@ class DistanceTracker:
             self.groups: dict[str, tuple[str, ...]] = {}
             self.norm2 = dict.fromkeys(DISTANCE_GROUPS, 0.0)
             self.fixed2 = dict.fromkeys(DISTANCE_GROUPS, 0.0)
+            self.back2 = dict.fromkeys(DISTANCE_GROUPS, 0.0)  # ||theta* - theta_0||^2 per group
             for n, value in original.items():
                 value = value.detach().float()
                 gap = float((start[n].detach().float() - value).pow(2).sum())
@@ -54,22 +59,29 @@ class DistanceTracker:
                 square = float(value.pow(2).sum())
                 for g in self.groups[n]:
                     self.norm2[g] += square
+                    self.back2[g] += gap
                     self.fixed2[g] += 0.0 if n in keep else gap
 
     @torch.no_grad()
     def __call__(self, current: Mapping[str, torch.Tensor]) -> dict[str, float]:
         to_original = dict(self.fixed2)
         moved = dict.fromkeys(DISTANCE_GROUPS, 0.0)
+        along = dict.fromkeys(DISTANCE_GROUPS, 0.0)  # (theta_t - theta_0) . (theta* - theta_0)
         for n in self.trained:
             value = current[n].detach().float()
+            step = value - self.start[n]
             d_orig = float((value - self.original[n]).pow(2).sum())
-            d_start = float((value - self.start[n]).pow(2).sum())
+            d_start = float(step.pow(2).sum())
+            dot = float((step * (self.original[n] - self.start[n])).sum())
             for g in self.groups[n]:
                 to_original[g] += d_orig
                 moved[g] += d_start
+                along[g] += dot
         out = {}
         for g in DISTANCE_GROUPS:
             out[f"dist_{g}"] = to_original[g] ** 0.5
             out[f"rel_{g}"] = to_original[g] ** 0.5 / max(self.norm2[g] ** 0.5, 1e-12)
             out[f"moved_{g}"] = moved[g] ** 0.5
+            scale = (moved[g] * self.back2[g]) ** 0.5
+            out[f"toward_{g}"] = along[g] / scale if scale > 0 else 0.0
         return out

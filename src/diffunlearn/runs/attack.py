@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diffunlearn.metrics import DISTANCE_GROUPS
 from diffunlearn.runs.common import (
     Run,
     accelerator_peak,
@@ -210,7 +211,9 @@ def attack_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
     """The attack's headline figures from its curve ([002] §VI, [000] §3): AR before the attack
     (AR_MU), the largest AR during it (AR_DiMRA, top-1 and top-3) and the step it was reached,
     the smallest AR_CL, retain accuracy and FID before and after, and the distance to the
-    original weights before and after with the share of it travelled back."""
+    original weights before and after with the share of it travelled back; per parameter group
+    (xattn, noxattn, full, unlearned) the distance before and after and the direction of travel
+    (`toward_*`: the cosine of the attack's whole move with the way back to the original)."""
     if not rows:
         return {}
     first, last = rows[0], rows[-1]
@@ -238,4 +241,9 @@ def attack_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
     out["travelled_back_fraction"] = (d0 - d1) / d0 if d0 > 0 else None
     out["distance_full_after"] = last["dist_full"]
     out["moved"] = last["moved_full"]
+    for g in DISTANCE_GROUPS:  # per parameter group: where the attack went, and which way ([002] §IV)
+        if f"dist_{g}" in first:
+            out[f"dist_{g}_before"], out[f"dist_{g}_after"] = first[f"dist_{g}"], last[f"dist_{g}"]
+        if f"toward_{g}" in last:
+            out[f"toward_{g}"] = last[f"toward_{g}"]
     return out

@@ -127,6 +127,11 @@ def _figures(recipe: Recipe, frame, curves) -> list[dict[str, Any]]:
                     plots.curves(a, "panel", ["dist_unlearned"], "distance on the weights unlearning changed",
                                  "L2 distance"),
                     "L2 distance to the original model on the weights the unlearning changed")
+                add(f"{group.id}: direction of travel during the attack",
+                    plots.curves(a, "panel", ["toward_unlearned", "toward_xattn", "toward_noxattn"],
+                                 "cosine of the attack's move with the way back to the original", "cosine"),
+                    "+1: straight back toward the original weights, 0: elsewhere, -1: away ([002] §IV); "
+                    "on the weights unlearning changed, cross-attention and the rest of the UNet")
         if not g.empty:
             losses = g[g["source"] == "loss"].copy()
             loss_names = sorted(n for n in losses["name"].unique() if n.startswith("loss"))
