@@ -243,7 +243,9 @@ def test_attack_summary_reads_its_figures_off_the_curve():
         return {"step": step, "AR_MU_top1": top1, "AR_MU_top3": top3, "dist_unlearned": dist, "dist_full": dist,
                 "moved_full": 4.0 - dist, "dist_xattn": dist / 2, "toward_unlearned": toward}
 
-    s = attack_summary([row(0, 5.0, 20.0, 4.0, 0.0), row(50, 30.0, 60.0, 3.0, 0.5), row(100, 10.0, 70.0, 1.0, 0.9)])
+    rows = [row(0, 5.0, 20.0, 4.0, 0.0), row(50, 30.0, 60.0, 3.0, 0.5), row(100, 10.0, 70.0, 1.0, 0.9)]
+    s = attack_summary([{**r, "forget_images": 20} for r in rows])
+    assert s["forget_images"] == 20 and s["AR_resolution"] == 5.0  # one of 20 generations = 5 points
     assert (s["AR_MU_top1"], s["AR_DiMRA_top1"], s["AR_DiMRA_top1_step"]) == (5.0, 30.0, 50)
     assert (s["AR_DiMRA_top3"], s["AR_DiMRA_top3_step"], s["AR_final_top1"]) == (70.0, 100, 10.0)
     assert s["travelled_back"] == 3.0 and s["travelled_back_fraction"] == pytest.approx(0.75)

@@ -188,6 +188,7 @@ class _AttackWatcher:
                 row[key] = m[key]
         if m.get("IRA") is not None and m.get("CRA") is not None:
             row["retain_acc"] = (m["IRA"] + m["CRA"]) / 2
+        row["forget_images"] = m["counts"]["forget-full"]  # AR's denominator: its resolution is 100 / n
         return row
 
     def _store(self, which: str, result) -> None:
@@ -219,6 +220,9 @@ def attack_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
     first, last = rows[0], rows[-1]
     during = [r for r in rows if r["step"] > 0] or rows
     out: dict[str, Any] = {"evaluations": len(rows), "steps": last["step"]}
+    if first.get("forget_images"):  # one generation more or less moves AR by this many points
+        out["forget_images"] = first["forget_images"]
+        out["AR_resolution"] = 100.0 / first["forget_images"]
     for k in ("top1", "top3"):
         key = f"AR_MU_{k}"
         if key in first:
