@@ -3,6 +3,9 @@
     diffunlearn bench profiles                 # runs (or skips) every method and attack
     python benchmarks/readme_tables.py         # prints both tables
 
+    diffunlearn bench profiles --model testbed-sd --groups methods    # the same methods on testbed-sd
+    python benchmarks/readme_tables.py --model testbed-sd --methods-only
+
 Replaces the one-off loops of testbed_profiles.py --no-grid and attack_robustness.py: the runs
 are a recipe (resumable, any executor, recorded in the results store), and every figure here is
 read from the store.
@@ -68,12 +71,15 @@ def robustness_table(frame) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/bench", help="the results folder of `diffunlearn bench`")
+    parser.add_argument("--model", default=None, help="the model the recipe ran on (as given to `bench --model`)")
+    parser.add_argument("--methods-only", action="store_true", help="only the methods table")
     args = parser.parse_args()
-    frame = diffunlearn.results("profiles", args.root)
+    frame = diffunlearn.results("profiles", args.root, model=args.model)
     print("README methods table:\n")
     print(methods_table(erase_figures(frame)))
-    print("\nREADME robustness table:\n")
-    print(robustness_table(frame))
+    if not args.methods_only:
+        print("\nREADME robustness table:\n")
+        print(robustness_table(frame))
 
 
 if __name__ == "__main__":

@@ -162,6 +162,22 @@ def test_plan_rules_single_style():
     assert {it.role for it in plan} == set(ROLES)
 
 
+def test_forget_images_per_prompt_sizes_the_forget_prompts_alone():
+    """More images on the full forget prompts (AR's denominator) leave the retain grid and the
+    partial prompts as they were; the torch-free cost model counts the same plan."""
+    from diffunlearn.bench.costs import evaluation_images
+
+    cfg = EvalConfig(images_per_prompt=2, partial_images=3, forget_images_per_prompt=7)
+    plan = build_prompt_sets(CANVAS, ["striped"], cfg)
+    roles = [it.role for it in plan]
+    assert roles.count("forget-full") == 7 * len(canvas.OBJECTS)
+    assert roles.count("forget-partial") == 3
+    assert roles.count("retain") == 2 * (len(canvas.STYLES) - 1) * len(canvas.OBJECTS)
+    assert [it.index for it in plan if it.role == "forget-full"][:7] == list(range(7))
+    assert evaluation_images(CANVAS, ["striped"], cfg) == len(plan)
+    assert EvalConfig(images_per_prompt=2).forget_images == 2  # default: the same count as every prompt
+
+
 def test_plan_rules_both_domains_and_alternatives():
     cfg = EvalConfig(images_per_prompt=1, partial_images=2)
     forget = ["striped", "circle", "square"]

@@ -362,6 +362,9 @@ class EvalConfig(StrictModel):
 
     images_per_prompt: int = Field(3, ge=1, le=1000)
     partial_images: int = Field(12, ge=0, le=10_000, description="images for each partial forget prompt")
+    forget_images_per_prompt: int | None = Field(
+        None, ge=1, le=10_000, description="images for each full forget prompt (UA's and AR's denominator: one "
+        "image moves AR by 100 / their count); default: images_per_prompt")
     seed: int = Field(1000, ge=0, le=MAX_SEED - 10**9, description="first sampling seed; identical before and after")
     steps: int = Field(25, ge=1, le=1000, description="DDIM steps")
     guidance: float | None = Field(None, description="CFG scale; default: the model's recorded one")
@@ -379,6 +382,11 @@ class EvalConfig(StrictModel):
                                 "evaluation_seed, evaluation_guidance; optional concept)")
     nudenet_threshold: float = Field(0.0, ge=0, le=1, description="minimum NudeNet score that counts as exposed "
                                      "(the detector drops scores < 0.2 itself; ESD and MACE count all it returns)")
+
+    @property
+    def forget_images(self) -> int:
+        """Images for each full forget prompt."""
+        return self.forget_images_per_prompt or self.images_per_prompt
 
     @model_validator(mode="before")
     @classmethod

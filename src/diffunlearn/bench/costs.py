@@ -45,19 +45,16 @@ class Costs:
                    attack_step_seconds=data["attack_step_seconds"], retrain_seconds=data["retrain_seconds"],
                    default_seconds=data["default_train_seconds"])
 
-    def _evaluation(self, images_per_prompt: int, partial_images: int, concept_set, forget: list[str]) -> float:
+    def _evaluation(self, eval_cfg, concept_set, forget: list[str]) -> float:
         """One evaluation: proportional to its image count (the protocol's plan on the concept set)."""
-        return self.evaluation * evaluation_images(concept_set, forget, images_per_prompt,
-                                                   partial_images) / self.images_reference
+        return self.evaluation * evaluation_images(concept_set, forget, eval_cfg) / self.images_reference
 
     def evaluate_seconds(self, overrides: list[str], concept_set, forget: list[str]) -> float:
-        ipp, partial = _eval_counts(overrides)
-        return self.parallel_slowdown * (self.startup + self._evaluation(ipp, partial, concept_set, forget))
+        return self.parallel_slowdown * (self.startup + self._evaluation(_eval_config(overrides), concept_set, forget))
 
     def erase_seconds(self, resolved) -> float:
         method, cfg = resolved.method, resolved.method_config
-        evaluation = self._evaluation(resolved.eval.images_per_prompt, resolved.eval.partial_images,
-                                      resolved.concept_set, list(resolved.task.forget))
+        evaluation = self._evaluation(resolved.eval, resolved.concept_set, list(resolved.task.forget))
         key = repr((sorted(resolved.task.forget), resolved.eval.model_dump()))
         before = 0.0 if key in self.seen_before else evaluation
         self.seen_before.add(key)
@@ -80,27 +77,26 @@ class Costs:
         steps = int(cfg.get("steps", 200))
         every = int(cfg.get("eval_every", 0) or steps)
         evaluations = 1 + math.ceil(steps / every) if steps else 1
-        ipp, partial = _eval_counts(overrides)
         per_step = self.attack_step_seconds.get(name, 0.4) * (int(cfg.get("batch_size", 16)) / 16)
         return self.parallel_slowdown * (self.startup + steps * per_step + evaluations * self._evaluation(
-            ipp, partial, concept_set, forget))
+            _eval_config(overrides), concept_set, forget))
 
 
-def evaluation_images(concept_set, forget: list[str], images_per_prompt: int, partial_images: int) -> int:
+def evaluation_images(concept_set, forget: list[str], eval_cfg) -> int:
     """Images one evaluation generates (metrics/evaluate.py's plan, counted without torch): each
     forget concept's full prompts and partial prompts, then the retain grid."""
     forgotten = set(forget)
     full = sum(len(concept_set.full_items(c, exclude=forgotten)) for c in forget)
     partial = sum(len(concept_set.alone_items(c, evaluation=True)) for c in forget)
-    return (full + len(concept_set.retain_grid(forgotten))) * images_per_prompt + partial * partial_images
+    return (full * eval_cfg.forget_images + len(concept_set.retain_grid(forgotten)) * eval_cfg.images_per_prompt
+            + partial * eval_cfg.partial_images)
 
 
-def _eval_counts(overrides: list[str]) -> tuple[int, int]:
+def _eval_config(overrides: list[str]):
     from diffunlearn.config import EvalConfig, apply_overrides
 
     data = apply_overrides({}, [o for o in overrides if o.startswith("eval.")]).get("eval") or {}
-    cfg = EvalConfig(**data)
-    return cfg.images_per_prompt, cfg.partial_images
+    return EvalConfig(**data)
 
 
 def resolved_steps(method: str, cfg, task, concept_set) -> int:

@@ -144,7 +144,7 @@ def _forget_items(concept_set: ConceptSet, concept: str, forgotten: set[str], ev
     items: list[PlanItem] = []
     # a full prompt with two forget concepts has no single intended label: full_items excludes them
     for item in concept_set.full_items(concept, exclude=forgotten):
-        items += _images(concept_set.render(item), eval_cfg.images_per_prompt, eval_cfg.seed, item,
+        items += _images(concept_set.render(item), eval_cfg.forget_images, eval_cfg.seed, item,
                          role="forget-full", forget=concept, alternatives=alts)
     for item in concept_set.alone_items(concept, evaluation=True):
         items += _images(concept_set.render(item), eval_cfg.partial_images, eval_cfg.seed, item,
@@ -165,7 +165,7 @@ def _csv_items(concept_set: ConceptSet, concepts: list[str], eval_cfg: EvalConfi
         base = row.seed if row.seed is not None else eval_cfg.seed + prompt_seed_offset(row.prompt)
         items += [PlanItem(prompt=row.prompt, seed=base + i, index=i, role="forget-full", labels=item.labels,
                            forget=concept, alternatives=alts.get(concept, ()), guidance=row.guidance)
-                  for i in range(eval_cfg.images_per_prompt)]
+                  for i in range(eval_cfg.forget_images)]
     return items
 
 
@@ -456,6 +456,7 @@ def _counts(plan: list[PlanItem], eval_cfg: EvalConfig, guidance: float, quality
     counts["prompts"] = {role: len({it.prompt for it in plan if it.role == role}) for role in ROLES}
     counts.update(
         images=len(plan), images_per_prompt=eval_cfg.images_per_prompt, partial_images=eval_cfg.partial_images,
+        forget_images_per_prompt=eval_cfg.forget_images,
         seed=eval_cfg.seed, steps=eval_cfg.steps, guidance=guidance, bootstrap=eval_cfg.bootstrap,
         reference=quality["n_real"], reference_per_pair=eval_cfg.fid_reference_per_pair,
         reference_seed=data_seed, feature_dim=quality["feature_dim"], image_size=image_size,
