@@ -60,13 +60,16 @@ def test_shipped_evaluators_were_produced_by_the_committed_recipe():
 
 @pytest.mark.skipif("testbed-sd" not in shipped_models(), reason="testbed-sd is not shipped")
 def test_shipped_testbed_sd_loads_with_stable_diffusion_pipeline_untouched():
-    from diffusers import AutoencoderKL, CLIPTextModel, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(ASSETS / "testbed-sd"), safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(ASSETS / "testbed-sd"), local_files_only=True)
     assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
-    assert isinstance(pipe.text_encoder, CLIPTextModel)
-    assert pipe.tokenizer.model_max_length == 77
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and pipe.tokenizer.model_max_length == 77
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("an image of circle in dotted style", num_inference_steps=2, guidance_scale=3.0,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (1, 16, 16, 3)
 
 
 @pytest.fixture(scope="module")
