@@ -8,13 +8,15 @@ Cases: the tiny untrained model with tiny random evaluators (the real sampling p
 stand-in model that renders canvas images with seed-dependent confusions, judged by the
 shipped trained evaluators (confident, non-degenerate UA/IRA/CRA/AR_CL/FID).
 
-Continuous figures are compared to 1e-9 relative: identical on one machine; another CPU's
-float rounding could move FID slightly, but not a discrete accuracy of the stand-in cases.
+The plan and every discrete figure (accuracies, counts) must be identical; continuous figures
+agree to 1e-4 relative. Sampling runs in float32, whose last bits depend on the CPU's kernels:
+on 2026-12-03 an AMD EPYC gave images that differ from the recording machine's (Zen 5) in their
+last bits (so their hash, once compared here, is not portable), FID and KID by < 1e-7 relative and
+the entropy of near-certain predictions by up to 3e-5; a change of protocol moves them by far more.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -51,7 +53,7 @@ def _same(actual, expected, where: str = "") -> None:
         for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             _same(a, e, f"{where}[{i}]")
     elif isinstance(expected, float):
-        assert actual == pytest.approx(expected, rel=1e-9, abs=1e-12), where
+        assert actual == pytest.approx(expected, rel=1e-4, abs=1e-9), where
     else:
         assert actual == expected, where
 
@@ -74,9 +76,11 @@ def test_canvas_metrics_unchanged(name):
     plan = [[p.prompt, p.seed, p.role, p.label("style"), p.label("object"), p.forget, list(p.alternatives), p.index]
             for p in result.plan]
     assert plan == case["plan"]
-    assert hashlib.sha256(result.images.numpy().tobytes()).hexdigest() == case["images_sha256"]
     metrics = json.loads(json.dumps(result.metrics))
-    # new, informational keys only: which evaluator answered, and that nothing was left out
+    # new, informational keys only: which evaluator answered, that nothing was left out, and the
+    # forget prompts' image count (the recorded protocol had no separate one)
     assert metrics.pop("evaluator") == "canvas" and metrics.pop("not_computed") is None
+    counts = metrics["counts"]
+    assert counts.pop("forget_images_per_prompt") == counts["images_per_prompt"]
     assert metrics.pop("notes") == []
     _same(metrics, case["metrics"])
