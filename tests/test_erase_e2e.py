@@ -90,6 +90,26 @@ def test_run_id_ignores_output_path_and_threads(tiny_model_dir):
     assert first.run_id == second.run_id != changed.run_id
 
 
+def test_an_eval_setting_added_later_keeps_run_ids_while_unset(tiny_model_dir):
+    """eval.forget_images_per_prompt came after runs existed: unset, the run id is the hash of the
+    config as it was without the field (finished runs and caches keep their ids); set, it differs."""
+    from diffunlearn.config import config_hash
+    from diffunlearn.runs.resolve import resolve_attack, resolve_erase
+
+    unset = resolve_erase("core", ["dotted"], model=tiny_model_dir)
+    data = unset.as_dict()
+    assert data["eval"].pop("forget_images_per_prompt") is None  # recorded in config.yaml all the same
+    data["model"] = {"hash": unset.model_hash}
+    data["method"].pop("gradient_checkpointing")  # a resource setting, never hashed
+    assert unset.run_id == config_hash({"config": data, "versions": unset.versions})
+    same_count = resolve_erase("core", ["dotted"], model=tiny_model_dir,
+                               overrides=["eval.forget_images_per_prompt=3"])
+    assert same_count.run_id != unset.run_id  # explicit is hashed, even where it equals the default
+    attack = resolve_attack("relearn", tiny_model_dir, forget=["dotted"])
+    larger = resolve_attack("relearn", tiny_model_dir, forget=["dotted"], overrides=["eval.forget_images_per_prompt=9"])
+    assert attack.run_id != larger.run_id
+
+
 def test_erase_without_evaluator_still_erases_saves_and_says_what_it_could_not(tiny_model_dir, tmp_path):
     from typer.testing import CliRunner
 

@@ -29,7 +29,7 @@ from diffunlearn.runs.common import (
     write_json,
     write_run_marker,
 )
-from diffunlearn.runs.resolve import ResolvedRun, check_threads, resolve_erase, task_flags
+from diffunlearn.runs.resolve import ResolvedRun, check_threads, eval_identity, resolve_erase, task_flags
 
 
 def erase(method: str | None, forget: list[str] | None = None, retain: list[str] | None = None,
@@ -226,7 +226,7 @@ def _evaluate_cached(model, judging, task, resolved: ResolvedRun, alternatives, 
     from diffunlearn.metrics.evaluate import Evaluation
 
     key = config_hash({"model": resolved.model_hash, "forget": sorted(task.forget), "data_seed": task.seed,
-                       "eval": resolved.eval.model_dump(),
+                       "eval": eval_identity(resolved.eval),
                        "evaluator": judging.spec, "concepts": judging.concept_set.fingerprint(),
                        "alternatives": alternatives, "versions": resolved.versions})
     folder = cache_dir() / "evaluations" / key

@@ -184,6 +184,7 @@ class ResolvedRun:
         data = self.as_dict()
         data["model"] = {"hash": self.model_hash}  # the path may differ between machines
         _drop_resource_settings(data["method"])
+        _drop_unset_additions(data["eval"])
         return config_hash({"config": data, "versions": self.versions})
 
     def default_out(self) -> Path:
@@ -195,9 +196,26 @@ class ResolvedRun:
 RESOURCE_SETTINGS = ("gradient_checkpointing",)
 
 
+# eval settings added after runs existed whose unset value (None) reproduces the earlier protocol
+# exactly: left out of the run id while unset, so that finished and cached runs keep their ids
+NEUTRAL_WHEN_UNSET = ("forget_images_per_prompt",)
+
+
 def _drop_resource_settings(section: dict[str, Any]) -> None:
     for key in RESOURCE_SETTINGS:
         section.pop(key, None)
+
+
+def _drop_unset_additions(eval_section: dict[str, Any]) -> dict[str, Any]:
+    for key in NEUTRAL_WHEN_UNSET:
+        if eval_section.get(key) is None:
+            eval_section.pop(key, None)
+    return eval_section
+
+
+def eval_identity(eval_cfg: EvalConfig) -> dict[str, Any]:
+    """What of an evaluation protocol is hashed (run ids, the evaluation cache)."""
+    return _drop_unset_additions(eval_cfg.model_dump())
 
 
 def model_entry(model_dir: Path, model_hash: str, allow_pickle: bool) -> dict[str, Any]:
@@ -437,6 +455,7 @@ class ResolvedAttack:
         data["model"] = {"hash": self.model_hash}
         data.pop("original")  # a path; the attacked model's hash already pins its base
         _drop_resource_settings(data["attack"])
+        _drop_unset_additions(data["eval"])
         return config_hash({"config": data, "versions": self.versions})
 
     def default_out(self) -> Path:
