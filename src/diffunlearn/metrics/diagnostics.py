@@ -20,8 +20,6 @@ def weight_distance(original: Mapping[str, torch.Tensor], current: Mapping[str, 
     return {"l2": float(diff), "relative": float(diff / norm.clamp_min(1e-12)), "tensors": len(names)}
 
 
-
-
 def weight_groups(name: str, unlearned: bool = False) -> tuple[str, ...]:
     """The diagnostic groups a UNet weight belongs to: xattn and noxattn partition full;
     `unlearned` holds the weights that differ from the original at the start of the run (what
