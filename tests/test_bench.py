@@ -222,6 +222,20 @@ def test_claim_kinds_give_holds_fails_and_inconclusive():
     assert evaluate_claim(_claim(kind="greater", other={"method": "nobody"}), frame).verdict == NO_DATA
 
 
+def test_per_method_judges_each_listed_method_apart():
+    """`per: [method]` over a subject listing two methods gives each its own verdict on its own
+    runs (they were pooled: n=6 for both); the other side, the original, stays the original."""
+    rows = [{"method": "a", "seed": s, "Total": v} for s, v in enumerate([10.0, 11.0, 12.0])]
+    rows += [{"method": "b", "seed": s, "Total": v} for s, v in enumerate([50.0, 52.0, 54.0])]
+    rows += [{"method": "original", "seed": None, "Total": 30.0}]
+    claim = _claim(kind="less", subject={"method": ["a", "b"]}, other={"method": "original"}, per=["method"])
+    result = evaluate_claim(claim, _frame(rows))
+    verdicts = {s.key["method"]: s.verdict for s in result.slices}
+    assert verdicts == {"a": HOLDS, "b": FAILS} and result.verdict == FAILS
+    a = next(s for s in result.slices if s.key["method"] == "a")
+    assert "a 11 [" in a.numbers and "(n=3)" in a.numbers and "original 30" in a.numbers
+
+
 def test_rises_pairs_by_seed_and_per_slices():
     rows = [{"method": "esd", "attack": "relearn-i", "kind": "attack", "seed": s, "forget": f,
              "AR_MU_top1": mu, "AR_DiMRA_top1": dimra}

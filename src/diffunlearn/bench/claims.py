@@ -157,20 +157,27 @@ def describe(claim: Claim) -> str:
 # ---- evaluation over a results frame -----------------------------------------------------------
 
 def select(frame: pd.DataFrame, selection: Selection | None, fixed: dict[str, str] | None = None) -> pd.DataFrame:
-    """Rows matching a selection (attack defaults to 'none': erase runs), and the slice values
-    `fixed` for the columns the selection leaves open."""
+    """Rows matching a selection (attack defaults to 'none': erase runs), narrowed by the slice
+    values `fixed`: a column the selection leaves open takes the slice's value, and so does one
+    whose listed values include it (`per: [method]` over `method: [a, b]` judges a and b apart);
+    a selection that lists other values (the `other` side, e.g. the original model) keeps them."""
     if selection is None:
         return frame.iloc[0:0]
     mask = frame["status"] == "complete"
     for column in SELECTION_COLUMNS:
-        values = selection.values(column)
-        if values is None and column == "attack":
-            values = ["none"]
-        if values is None and fixed and column in fixed:
-            values = [fixed[column]]
+        values = _narrowed(selection, column, fixed)
         if values is not None:
             mask &= frame[column].isin(values)
     return frame[mask]
+
+
+def _narrowed(selection: Selection, column: str, fixed: dict[str, str] | None) -> list[str] | None:
+    values = selection.values(column)
+    if values is None and column == "attack":
+        values = ["none"]
+    if fixed and column in fixed and (values is None or fixed[column] in values):
+        values = [fixed[column]]
+    return values
 
 
 def interval(rows: pd.DataFrame, metric: str) -> Interval | None:
@@ -183,8 +190,11 @@ def interval(rows: pd.DataFrame, metric: str) -> Interval | None:
     return Interval.of(values.tolist(), exact=seedless)
 
 
-def _label(rows: pd.DataFrame, selection: Selection) -> str:
-    picked = [f"{'|'.join(selection.values(c))}" for c in ("method", "variant", "attack") if selection.values(c)]
+def _label(rows: pd.DataFrame, selection: Selection, fixed: dict[str, str] | None = None) -> str:
+    picked = []
+    for column in ("method", "variant", "attack"):
+        if selection.values(column):
+            picked.append("|".join(_narrowed(selection, column, fixed) or []))
     return "/".join(picked) or "subject"
 
 
@@ -206,14 +216,14 @@ def _evaluate_slice(claim: Claim, frame: pd.DataFrame, key: dict[str, str]) -> S
     subject = interval(subject_rows, m)
     if subject is None:
         return SliceResult(key, NO_DATA, f"no {m} for the subject yet")
-    name = _label(subject_rows, claim.subject)
+    name = _label(subject_rows, claim.subject, key)
     if claim.kind in ("greater", "less"):
         other_rows = select(frame, claim.other, key)
         other = interval(other_rows, m)
         if other is None:
             return SliceResult(key, NO_DATA, f"no {m} for the other side yet")
         verdict = above(subject, other) if claim.kind == "greater" else above(other, subject)
-        return SliceResult(key, verdict, f"{m}: {name} {subject.text()} vs {_label(other_rows, claim.other)} "
+        return SliceResult(key, verdict, f"{m}: {name} {subject.text()} vs {_label(other_rows, claim.other, key)} "
                                          f"{other.text()}")
     if claim.kind in ("best", "worst"):
         return _best(claim, frame, key, subject, name)
@@ -277,7 +287,7 @@ def _change(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject_rows
         seedless = bool(pairs["seed"].isna().all()) if not pairs.empty else False
     else:
         other_rows = select(frame, claim.other, key)
-        start_label = f"{m} of {_label(other_rows, claim.other)}"
+        start_label = f"{m} of {_label(other_rows, claim.other, key)}"
         differences, seedless = _paired(subject_rows, other_rows, m)
     if not differences:
         return SliceResult(key, NO_DATA, f"no pairs of {m} and {start_label} yet")
