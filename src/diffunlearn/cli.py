@@ -53,7 +53,7 @@ class OneLineErrors(TyperGroup):
             hint = f"; see `{err.ctx.command_path} --help`" if getattr(err, "ctx", None) else ""
             typer.echo(one_line(f"error: {err.format_message().rstrip('.')}", len(hint)) + hint, err=True)
             sys.exit(EXIT_BAD_INPUT)
-        except click_exceptions.Abort:
+        except typer.Abort:  # click's Abort, wherever this typer keeps it
             if not standalone_mode:
                 raise
             typer.echo("aborted", err=True)
