@@ -6,9 +6,8 @@
     diffunlearn bench profiles --model testbed-sd --groups methods    # the same methods on testbed-sd
     python benchmarks/readme_tables.py --model testbed-sd --methods-only
 
-Replaces the one-off loops of testbed_profiles.py --no-grid and attack_robustness.py: the runs
-are a recipe (resumable, any executor, recorded in the results store), and every figure here is
-read from the store.
+The runs are a recipe (resumable, any executor, recorded in the results store), and every
+figure here is read from the store.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ FIGURES = ("UA", "IRA", "CRA", "SFID", "train_seconds")
 def methods_table(figures: dict[str, list]) -> str:
     """Name, paper, what it trains, testbed defaults and the measured forgetting of one style:
     `figures[name]` holds UA, IRA, CRA, SFID and training seconds; a method without figures
-    gets dashes. Shared with testbed_profiles.py, which measures the same rows directly."""
+    gets dashes."""
     from diffunlearn.methods import methods
 
     lines = ["| method | paper | trains | testbed defaults | UA | IRA | CRA | SFID | train s |",

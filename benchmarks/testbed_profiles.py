@@ -4,8 +4,10 @@ of UA / IRA / CRA / SFID / Total and training time, and the best setting per met
 
     python benchmarks/testbed_profiles.py --methods core,esd --out runs/profiles
 
-The chosen settings are written into each method's `profiles["testbed"]`, and the table
-into docs/testbed-profiles.md, by hand: a profile is a decision, this script its evidence.
+The chosen settings are written into each method's `profiles["testbed"]` by hand, with this
+script's figures in the profile's comment: a profile is a decision, this script its evidence.
+The README's methods table (the current profiles alone, no grid) comes from the `profiles`
+recipe: `diffunlearn bench profiles --groups methods`, then `python benchmarks/readme_tables.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import json
 from pathlib import Path
 
 import diffunlearn
-from diffunlearn.data.canvas import STYLES
 
 GRID = {
     "finetune": {"method.lr": [1e-4, 3e-4], "method.steps": [100, 300]},
@@ -41,7 +42,6 @@ FAST_EVAL = ["eval.images_per_prompt=2", "eval.partial_images=8", "eval.bootstra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="all", help="comma-separated, or 'all' registered methods")
-    parser.add_argument("--no-grid", action="store_true", help="only the current testbed profiles")
     parser.add_argument("--exclude", default="retrain", help="methods left out (retrain takes ~40 min)")
     parser.add_argument("--concepts", default="dotted,circle")
     parser.add_argument("--out", type=Path, default=Path("runs/profiles"))
@@ -57,7 +57,7 @@ def main() -> None:
                                     overrides=FAST_EVAL, threads=args.threads, progress=False)
             rows.append(summary(method, concept, "testbed profile", run, is_default=True))
             print(json.dumps(rows[-1]), flush=True)
-        grid = {} if args.no_grid else GRID.get(method, {})
+        grid = GRID.get(method, {})
         keys, values = zip(*grid.items(), strict=True) if grid else ((), ())
         for combo in itertools.product(*values) if keys else []:
             overrides = [f"{k}={v}" for k, v in zip(keys, combo, strict=True)] + FAST_EVAL
@@ -68,20 +68,6 @@ def main() -> None:
                 rows.append(summary(method, concept, " ".join(overrides[: len(keys)]), run))
                 print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
-    print("\nREADME methods table:\n")
-    print(methods_table(rows))
-
-
-def methods_table(rows: list[dict]) -> str:
-    """The README methods table (readme_tables.methods_table) from the testbed-profile runs of
-    one style."""
-    from readme_tables import methods_table as table
-
-    defaults = [r for r in rows if r["concept"] in STYLES and r["is_default"]]
-    figures: dict[str, list] = {}
-    for r in defaults:
-        figures.setdefault(r["method"], [r["UA"], r["IRA"], r["CRA"], r["SFID"], r["seconds"]])
-    return table(figures)
 
 
 def summary(method: str, concept: str, setting: str, run, is_default: bool = False) -> dict:

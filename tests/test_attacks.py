@@ -17,7 +17,7 @@ from diffunlearn.attacks.resurgence import Resurgence, ResurgenceConfig, tercile
 from diffunlearn.data import canvas
 from diffunlearn.data.tasks import UnlearningTask
 from diffunlearn.engine.loop import step_generator
-from diffunlearn.metrics.diagnostics import DistanceTracker
+from diffunlearn.metrics.diagnostics import DistanceTracker, text_reach
 
 
 def small_task(forget=("dotted",)):
@@ -166,6 +166,20 @@ def test_distance_tracker_gives_the_direction_of_travel():
     assert away["toward_xattn"] == pytest.approx(-1.0) and away["toward_unlearned"] == pytest.approx(-0.6)
 
 
+def test_text_reach_is_the_share_of_a_concept_inside_the_captions_span():
+    """Worked by hand: caption states along e1 (norm 10) and e2 (norm 1) hold 100 and 1 of 101
+    units of energy, so at 99% the span is e1 alone (100/101 = 0.9901 already reaches 0.99) and
+    at 99.5% it is {e1, e2}. (1, 1, 1) has a third of its energy on e1, two thirds on {e1, e2};
+    (0, 0, 2) none of it."""
+    states = torch.tensor([[[10.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # one caption, two token states
+    spread = torch.tensor([[1.0, 1.0, 1.0]])
+    assert text_reach(states, spread) == pytest.approx(1 / 3)
+    assert text_reach(states, spread, energy=0.995) == pytest.approx(2 / 3)
+    both = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 2.0]])
+    assert text_reach(states, both, energy=0.995) == pytest.approx((2 / 3 + 0) / 2)
+    assert text_reach(states, torch.tensor([[-3.0, 0.0, 0.0]])) == pytest.approx(1.0)  # sign does not matter
+
+
 def test_every_attack_config_validates_and_has_both_profiles():
     for name in attacks.names():
         cls = attacks.get(name)
@@ -207,6 +221,7 @@ def test_erase_then_attack_end_to_end(tiny_model_dir, tiny_evaluator_dir, tmp_pa
     assert summary["AR_CL_min"] == min(r["AR_CL"] for r in metrics["curve"][1:])  # CORE has anchors
     assert summary["forget_acc_after"] == metrics["curve"][-1]["AR_MU_top1"] == metrics["after"]["AR_MU_top1"]
     assert summary["distance_to_original_before"] > 0  # the erase moved the weights
+    assert 0 <= summary["text_reach"] <= 1 and metrics["data"]["text_reach"] == summary["text_reach"]
     assert metrics["before"]["UA"] == pytest.approx(erased.metrics["after"]["UA"])  # same model, same seeds
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["task"]["forget"] == ["dotted"] and config["task"]["images_per_prompt"] == 1

@@ -67,6 +67,14 @@ class AttackData:
         return {c for concepts in self.shown for c in concepts}
 
 
+def concept_embedding(backend: Backend, cset, concept: str) -> torch.Tensor:
+    """A concept in the text encoder's output space: the mean output at the concept's token(s)
+    of its first evaluation prompt (the canvas' partial prompt)."""
+    prompt = cset.render(cset.alone_items(concept, evaluation=True)[0])
+    positions = backend.token_positions(prompt, cset.text(concept))
+    return backend.encode([prompt])[0, positions].float().mean(0)
+
+
 class Attack:
     """Base class: subclasses set `Config`, `profiles`, `paper` and implement `build_data()`."""
 

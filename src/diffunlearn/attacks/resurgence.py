@@ -27,7 +27,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from diffunlearn.attacks.base import ATTACK_INDEX_OFFSET, Attack, AttackConfig, AttackData
+from diffunlearn.attacks.base import ATTACK_INDEX_OFFSET, Attack, AttackConfig, AttackData, concept_embedding
 from diffunlearn.data.images import HELDOUT_OFFSET
 from diffunlearn.data.tasks import TaskError
 
@@ -121,13 +121,8 @@ def concept_similarity(backend, cset, candidates: list[str], erased: list[str]) 
     canvas' partial prompt)."""
     import torch
 
-    def embedding(concept: str) -> torch.Tensor:
-        prompt = cset.render(cset.alone_items(concept, evaluation=True)[0])
-        positions = backend.token_positions(prompt, cset.text(concept))
-        return backend.encode([prompt])[0, positions].float().mean(0)
-
-    erased_vectors = {e: embedding(e) for e in erased}
-    return {c: {e: float(torch.nn.functional.cosine_similarity(embedding(c), v, dim=0))
+    erased_vectors = {e: concept_embedding(backend, cset, e) for e in erased}
+    return {c: {e: float(torch.nn.functional.cosine_similarity(concept_embedding(backend, cset, c), v, dim=0))
                 for e, v in erased_vectors.items()} for c in candidates}
 
 

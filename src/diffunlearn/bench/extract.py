@@ -37,7 +37,7 @@ SUMMARY_KEYS = ("AR_MU_top1", "AR_MU_top3", "AR_DiMRA_top1", "AR_DiMRA_top3", "A
                 "CRA_before", "CRA_after", "FID_before", "FID_after", "UA_before", "UA_after",
                 "distance_to_original_before", "distance_to_original_after", "travelled_back",
                 "travelled_back_fraction", "distance_full_after", "moved", "resurgence",
-                "forget_images", "AR_resolution",
+                "forget_images", "AR_resolution", "text_reach",
                 *(f"{kind}_{g}{when}" for g in DISTANCE_GROUPS
                   for kind, when in (("dist", "_before"), ("dist", "_after"), ("toward", ""))))
 DISTANCE_KEYS = ("weight_distance.l2", "weight_distance.relative")

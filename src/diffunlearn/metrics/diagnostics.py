@@ -1,4 +1,5 @@
-"""Diagnostics: how far training moved the weights from the original ([002] §IV, [000] §4)."""
+"""Diagnostics: how far training moved the weights from the original ([002] §IV, [000] §4), and
+how much of an erased concept's text conditioning a fine-tuning set's captions reach."""
 
 from __future__ import annotations
 
@@ -18,6 +19,29 @@ def weight_distance(original: Mapping[str, torch.Tensor], current: Mapping[str, 
     diff = torch.sqrt(sum(((current[n].detach().float() - original[n].float()) ** 2).sum() for n in names))
     norm = torch.sqrt(sum((original[n].float() ** 2).sum() for n in names))
     return {"l2": float(diff), "relative": float(diff / norm.clamp_min(1e-12)), "tensors": len(names)}
+
+
+REACH_ENERGY = 0.99  # the captions' subspace: the principal directions holding this share of their energy
+
+
+@torch.no_grad()
+def text_reach(caption_states: torch.Tensor, concept_vectors: torch.Tensor, energy: float = REACH_ENERGY) -> float:
+    """How much of an erased concept's text conditioning fine-tuning on these captions can move.
+
+    A cross-attention key/value weight W receives gradients sum_i g_i h_i^T from the caption token
+    states h_i it sees, so the image of a concept vector e under W changes only through e's
+    component in the span of those states. `caption_states` (N x D: every token state of every
+    caption) define that span as their principal directions holding `energy` of their squared
+    norm; the reach is the share of each concept vector's squared norm inside it (1: the captions'
+    conditioning covers the concept's, 0: orthogonal to it), averaged over `concept_vectors` (C x D).
+    """
+    states = caption_states.float().reshape(-1, caption_states.shape[-1])
+    _, singular, directions = torch.linalg.svd(states, full_matrices=False)
+    share = (singular**2).cumsum(0) / (singular**2).sum().clamp_min(1e-30)
+    kept = directions[: int((share < energy).sum()) + 1]
+    vectors = concept_vectors.float().reshape(-1, states.shape[-1])
+    inside = (vectors @ kept.T).pow(2).sum(1) / vectors.pow(2).sum(1).clamp_min(1e-30)
+    return float(inside.mean())
 
 
 def weight_groups(name: str, unlearned: bool = False) -> tuple[str, ...]:

@@ -107,6 +107,7 @@ def _execute_attack(resolved, loaded: dict[str, Any], out: Path, progress: bool)
     shown = sorted(data.concepts() & set(task.forget))
     if shown:
         raise RuntimeError(f"attack data shows erased concepts {shown}: the protocol is broken")
+    data.info["text_reach"] = caption_reach(model, task, data.prompts)
     config = resolved.as_dict() | {"run_id": resolved.run_id, "versions": resolved.versions,
                                    "resolved": {"threads": torch.get_num_threads(), "data": data.info}}
     write_config(out, config)
@@ -143,7 +144,7 @@ def _execute_attack(resolved, loaded: dict[str, Any], out: Path, progress: bool)
                        "resumed_from_step": result.resumed_from, "peak_rss_mb": peak_rss_mb(),
                        **dict(model.counters), **accelerator_peak()}
     metrics["curve"] = result.hook_rows
-    metrics["summary"] = attack_summary(result.hook_rows)
+    metrics["summary"] = attack_summary(result.hook_rows) | {"text_reach": data.info["text_reach"]}
     before, after = watcher.full("before"), watcher.full("after")
     if before is not None and after is not None:
         metrics["before"], metrics["after"] = before.metrics, after.metrics
@@ -206,6 +207,21 @@ class _AttackWatcher:
 
         folder = self.out / "evaluations" / which
         return Evaluation.load(folder) if (folder / "metrics.json").exists() else None
+
+
+def caption_reach(model, task, prompts: list[str]) -> float:
+    """metrics.diagnostics.text_reach of the attack's captions on the erased concepts: how much of
+    their text conditioning the fine-tuning can move through the cross-attention projections."""
+    import torch
+
+    from diffunlearn.attacks.base import concept_embedding
+    from diffunlearn.metrics.diagnostics import text_reach
+
+    captions = sorted(set(prompts))
+    with torch.no_grad():
+        states = torch.cat([model.encode(captions[i : i + 64]) for i in range(0, len(captions), 64)])
+        vectors = torch.stack([concept_embedding(model, task.concept_set, c) for c in task.forget])
+    return text_reach(states, vectors)
 
 
 def attack_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
