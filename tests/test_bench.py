@@ -222,6 +222,28 @@ def test_claim_kinds_give_holds_fails_and_inconclusive():
     assert evaluate_claim(_claim(kind="greater", other={"method": "nobody"}), frame).verdict == NO_DATA
 
 
+def test_a_difference_inside_one_generation_is_inconclusive():
+    """AR on 20 forget images moves in steps of 5 points: 3 points above a control evaluated at
+    that resolution separate as intervals (zero spread on both sides) but are one generation's
+    noise; 6 points are not. Worked by hand: means 3 and 6 against 0, all spreads 0."""
+    def rows(ar: float, res: float, method: str) -> list[dict]:
+        return [{"method": method, "attack": "relearn", "kind": "attack", "seed": s, "AR_DiMRA_top1": ar,
+                 "AR_resolution": res, "AR_MU_top1": 0.0} for s in range(3)]
+
+    claim = _claim(metric="AR_DiMRA_top1", kind="greater", subject={"method": "a", "attack": "relearn"},
+                   other={"method": "retrain", "attack": "relearn"})
+    close = evaluate_claim(claim, _frame(rows(3.0, 1.0, "a") + rows(0.0, 5.0, "retrain")))
+    assert close.verdict == INCONCLUSIVE and "(resolution 5 points)" in close.slices[0].numbers
+    assert evaluate_claim(claim, _frame(rows(6.0, 1.0, "a") + rows(0.0, 5.0, "retrain"))).verdict == HOLDS
+    rise = _claim(metric="AR_DiMRA_top1", kind="rises", from_metric="AR_MU_top1",
+                  subject={"method": "a", "attack": "relearn"})
+    assert evaluate_claim(rise, _frame(rows(3.0, 5.0, "a"))).verdict == INCONCLUSIVE
+    assert evaluate_claim(rise, _frame(rows(5.0, 5.0, "a"))).verdict == HOLDS  # one whole generation
+    assert evaluate_claim(_claim(kind="greater", other={"method": "esd"}), _frame(  # Total: no resolution
+        [{"method": "core", "seed": s, "Total": 3.0} for s in range(3)]
+        + [{"method": "esd", "seed": s, "Total": 0.0} for s in range(3)])).verdict == HOLDS
+
+
 def test_per_method_judges_each_listed_method_apart():
     """`per: [method]` over a subject listing two methods gives each its own verdict on its own
     runs (they were pooled: n=6 for both); the other side, the original, stays the original."""

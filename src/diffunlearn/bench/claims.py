@@ -19,6 +19,10 @@ Claim kinds (`recipe.Claim`); a comparison of A over B, on the rows a selection 
 - `same`: a finding of no effect, tested as equivalence within a margin: the interval of the
   same per-seed change lies within [-value, value] (holds), wholly outside it (fails), or
   across its edge (inconclusive).
+A share of the forget generations (AR_*, forget accuracy, resurgence) moves in steps of its
+resolution, 100 / the forget images (`AR_resolution` of the attack runs): a comparison of such
+figures whose means differ by less than one step is inconclusive whatever the intervals say (a
+difference inside one generation is noise), and its figures say the resolution.
 `per` splits the claim into one verdict per value of those columns; the claim holds when
 every slice holds, fails when any slice fails, else is inconclusive. A slice without runs
 yet says `no data`. All rows a selection picks in a slice are pooled.
@@ -97,6 +101,34 @@ def above(a: Interval, b: Interval) -> str:
     if a.hi <= b.lo:
         return FAILS
     return INCONCLUSIVE
+
+
+GENERATION_SHARES = ("AR_MU_", "AR_DiMRA_", "AR_final_", "forget_acc_", "resurgence")
+
+
+def resolution(rows: pd.DataFrame, metric: str) -> float | None:
+    """The points one generation moves `metric` on these rows (the coarsest), or None for a
+    figure that is not a share of the forget generations or rows that do not record it."""
+    if not metric.startswith(GENERATION_SHARES) or metric.endswith("_step") or "AR_resolution" not in rows:
+        return None
+    values = rows["AR_resolution"].dropna()
+    return float(values.max()) if not values.empty else None
+
+
+def resolved(verdict: str, difference: float, step: float | None) -> str:
+    """A verdict on a difference smaller than one generation is noise: inconclusive."""
+    if step is not None and verdict != INCONCLUSIVE and 0 < abs(difference) < step:
+        return INCONCLUSIVE
+    return verdict
+
+
+def _coarsest(*steps: float | None) -> float | None:
+    known = [x for x in steps if x is not None]
+    return max(known) if known else None
+
+
+def _resolution_note(step: float | None) -> str:
+    return "" if step is None else f" (resolution {step:g} points)"
 
 
 def combine(verdicts: list[str]) -> str:
@@ -223,8 +255,10 @@ def _evaluate_slice(claim: Claim, frame: pd.DataFrame, key: dict[str, str]) -> S
         if other is None:
             return SliceResult(key, NO_DATA, f"no {m} for the other side yet")
         verdict = above(subject, other) if claim.kind == "greater" else above(other, subject)
-        return SliceResult(key, verdict, f"{m}: {name} {subject.text()} vs {_label(other_rows, claim.other, key)} "
-                                         f"{other.text()}")
+        step = _coarsest(resolution(subject_rows, m), resolution(other_rows, m))
+        return SliceResult(key, resolved(verdict, subject.mean - other.mean, step),
+                           f"{m}: {name} {subject.text()} vs {_label(other_rows, claim.other, key)} "
+                           f"{other.text()}{_resolution_note(step)}")
     if claim.kind in ("best", "worst"):
         return _best(claim, frame, key, subject, name)
     if claim.kind in ("at_least", "at_most"):
@@ -261,7 +295,8 @@ def within(change: Interval, margin: float) -> str:
 def _best(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject: Interval, name: str) -> SliceResult:
     m, by = claim.metric, claim.by
     among = select(frame, claim.among, key)
-    own = set(claim.subject.values(by) or select(frame, claim.subject, key)[by].unique().tolist())
+    subject_rows = select(frame, claim.subject, key)
+    own = set(claim.subject.values(by) or subject_rows[by].unique().tolist())
     verdicts, parts = [], [f"{m}: {name} {subject.text()}"]
     for value, rows in among.groupby(by, sort=True):
         if value in own:
@@ -270,6 +305,8 @@ def _best(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject: Inter
         if other is None:
             continue
         verdict = above(subject, other) if claim.kind == "best" else above(other, subject)
+        step = _coarsest(resolution(subject_rows, m), resolution(rows, m))
+        verdict = resolved(verdict, subject.mean - other.mean, step)
         verdicts.append(verdict)
         parts.append(f"{value} {other.text()}{'' if verdict == HOLDS else f' ({verdict})'}")
     if not verdicts:
@@ -285,10 +322,12 @@ def _change(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject_rows
         pairs = subject_rows[["seed", m, claim.from_metric]].dropna(subset=[m, claim.from_metric])
         differences = (pairs[m] - pairs[claim.from_metric]).tolist()
         seedless = bool(pairs["seed"].isna().all()) if not pairs.empty else False
+        step = _coarsest(resolution(subject_rows, m), resolution(subject_rows, claim.from_metric))
     else:
         other_rows = select(frame, claim.other, key)
         start_label = f"{m} of {_label(other_rows, claim.other, key)}"
         differences, seedless = _paired(subject_rows, other_rows, m)
+        step = _coarsest(resolution(subject_rows, m), resolution(other_rows, m))
     if not differences:
         return SliceResult(key, NO_DATA, f"no pairs of {m} and {start_label} yet")
     change = Interval.of(differences, exact=seedless)
@@ -296,8 +335,8 @@ def _change(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject_rows
     if claim.kind == "same":
         verdict = within(change, float(claim.value))
     else:
-        verdict = above(change, zero) if claim.kind == "rises" else above(zero, change)
-    return SliceResult(key, verdict, f"{m} - {start_label} on {name}: {change.text()}")
+        verdict = resolved(above(change, zero) if claim.kind == "rises" else above(zero, change), change.mean, step)
+    return SliceResult(key, verdict, f"{m} - {start_label} on {name}: {change.text()}{_resolution_note(step)}")
 
 
 def _paired(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> tuple[list[float], bool]:
