@@ -492,3 +492,18 @@ def test_a_node_locked_elsewhere_is_deferred_then_run(tmp_path, tiny_model_dir, 
     result = run_grid(expand(load_recipe(path), root), fake, root, jobs=1, report=lambda line: None,
                       poll_seconds=0.05)
     assert result.ok and result.done == ["g/default/core/dotted/s0"] and fake.submitted.count(result.done[0]) == 2
+
+
+def test_attack_bars_keep_two_attacks_on_one_erase_run_apart():
+    """Two attacks of a group on the same erase run (resurgence in- and out-of-domain) are two
+    bars; with one label for both the board's index repeated and the report crashed."""
+    import pandas as pd
+
+    from diffunlearn.bench.report import plots
+
+    board = pd.DataFrame([{"method": "mace", "variant": "default", "forget": "one", "attack": attack,
+                           "resurgence": value, "resurgence_lo": value - 1, "resurgence_hi": value + 1}
+                          for attack, value in (("in-domain", 2.0), ("out-of-domain", 0.5))])
+    assert {plots.config_label(r) for _, r in board.iterrows()} == {"mace/in-domain", "mace/out-of-domain"}
+    png = plots.bars(board, ["resurgence"], "erase-n")
+    assert png is not None and png.startswith(b"\x89PNG")

@@ -38,9 +38,13 @@ def _png(fig) -> bytes:
 
 
 def config_label(row) -> str:
+    """method[/variant][/attack]: one label per configuration of a board (a group's attacks on
+    the same erase run are configurations of their own)."""
     parts = [str(row["method"])]
     if row.get("variant") not in (None, "default"):
         parts.append(str(row["variant"]))
+    if row.get("attack") not in (None, "none"):
+        parts.append(str(row["attack"]))
     return "/".join(parts)
 
 
