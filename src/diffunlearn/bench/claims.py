@@ -260,7 +260,7 @@ def _evaluate_slice(claim: Claim, frame: pd.DataFrame, key: dict[str, str]) -> S
                            f"{m}: {name} {subject.text()} vs {_label(other_rows, claim.other, key)} "
                            f"{other.text()}{_resolution_note(step)}")
     if claim.kind in ("best", "worst"):
-        return _best(claim, frame, key, subject, name)
+        return _best(claim, frame, key, subject_rows, subject, name)
     if claim.kind in ("at_least", "at_most"):
         value = float(claim.value)
         point = Interval(value, value, value, 1)
@@ -292,10 +292,10 @@ def within(change: Interval, margin: float) -> str:
     return INCONCLUSIVE
 
 
-def _best(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject: Interval, name: str) -> SliceResult:
+def _best(claim: Claim, frame: pd.DataFrame, key: dict[str, str], subject_rows: pd.DataFrame, subject: Interval,
+          name: str) -> SliceResult:
     m, by = claim.metric, claim.by
     among = select(frame, claim.among, key)
-    subject_rows = select(frame, claim.subject, key)
     own = set(claim.subject.values(by) or subject_rows[by].unique().tolist())
     verdicts, parts = [], [f"{m}: {name} {subject.text()}"]
     for value, rows in among.groupby(by, sort=True):
