@@ -84,6 +84,11 @@ BAD_RECIPES = {
     "the old evaluator key": ("protocols: {fast: ['eval.evaluators=/x']}", "eval.evaluator=canvas:DIR"),
     "the old task key": ("overrides: [task.images_per_pair=1]", "task.images_per_pair"),
     "concept set as an override": ("overrides: [task.concepts=canvas]", "recipe's `task:` block"),
+    "unknown shared attack": ("groups: [{id: g, methods: [core], forget: [one], attacks: [relearn]}]",
+                              "attack 'relearn' is not one of the recipe's attacks (none)"),
+    "shared attack with its own overrides": (
+        "groups: [{id: g, methods: [core], forget: [one], attacks: [{use: a, overrides: [attack.steps=1]}]}]",
+        "takes only 'methods' and 'variants' beside 'use' (got 'overrides')"),
     "unknown concept set": ("task: {concepts: no-such-set.yaml}", "forget set 'one'"),
 }
 
@@ -175,6 +180,27 @@ def test_expansion_crosses_methods_seeds_and_attacks(tmp_path, tiny_model_dir, t
     # the same recipe expands to the same run ids (finished runs are recognised)
     again = expand(load_recipe(path), tmp_path / "root")
     assert [(n.node, n.out) for n in again] == [(n.node, n.out) for n in nodes]
+
+
+def test_a_shared_attack_expands_as_the_same_attack_written_in_the_group(tmp_path, tiny_model_dir,
+                                                                        tiny_evaluator_dir):
+    """`attacks:` at the recipe level, listed by id (or `{use: id, methods: [...]}`) in a group,
+    gives the very runs (node ids, run ids, directories) the inline definition gives."""
+    inline = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, methods=("core", "esd"))
+    text = inline.read_text()
+    step = text[text.index("    attacks:\n"):text.index("\n\nestimate:")]
+    shared = text.replace(step, "    attacks: [relearn-i]")
+    shared = shared.replace("groups:\n", "attacks:\n" + "\n".join(line[4:] for line in step.splitlines()[1:])
+                            + "\ngroups:\n")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "tiny.yaml").write_text(shared)
+    expected = [(n.node, n.run_id, n.out) for n in expand(load_recipe(inline), tmp_path / "root")]
+    assert [(n.node, n.run_id, n.out) for n in expand(load_recipe(tmp_path / "shared" / "tiny.yaml"),
+                                                       tmp_path / "root")] == expected
+    only_esd = shared.replace("attacks: [relearn-i]", "attacks: [{use: relearn-i, methods: [esd]}]")
+    (tmp_path / "shared" / "tiny.yaml").write_text(only_esd)
+    nodes = expand(load_recipe(tmp_path / "shared" / "tiny.yaml"), tmp_path / "root")
+    assert [n.node for n in nodes if n.kind == "attack"] == ["g/default/esd/dotted/s0/relearn-i"]
 
 
 # ---- claims ---------------------------------------------------------------------------------------

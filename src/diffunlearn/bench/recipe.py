@@ -2,7 +2,8 @@
 
 A recipe names its paper, the model (default: the shipped testbed; `--model` overrides), the
 seeds, the evaluation protocols (`fast` by default, `full` as an option), named forget sets,
-run groups (methods x forget sets x variants, each erase optionally followed by attacks) and
+run groups (methods x forget sets x variants, each erase optionally followed by attacks; an
+attack several groups run is defined once under `attacks:` and listed by its id) and
 the claims that test the paper's findings on our figures (`bench/claims.py`). Everything is
 validated before any model loads: unknown keys, methods, attacks, concepts, forget-set and
 group names, and claim selections all fail with one line.
@@ -228,10 +229,25 @@ class Recipe(StrictModel):
     forget_sets: dict[str, list[str]] = Field(
         min_length=1, description="named lists of concepts of the recipe's concept set (checked against it when the "
                                   "recipe expands, since the set depends on the model)")
+    attacks: list[AttackStep] = Field(
+        default_factory=list, description="attacks that several groups run: a group lists one by its id")
     groups: list[Group] = Field(min_length=1)
     claims: list[Claim] = Field(default_factory=list)
     leaderboard: Leaderboard = Field(default_factory=Leaderboard)
     estimate: Estimate
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_attacks(cls, data):
+        """A group's attack given as a string, or as `{use: ID, methods: ..., variants: ...}`, is
+        the recipe-level attack of that id (one definition however many groups run it), in the
+        second form restricted to some of the group's methods or variants."""
+        if not isinstance(data, dict) or not isinstance(data.get("groups"), list):
+            return data
+        shared = {a.get("id"): a for a in data.get("attacks") or [] if isinstance(a, dict)}
+        groups = [{**g, "attacks": [_shared_step(step, shared, g.get("id")) for step in g["attacks"]]}
+                  if isinstance(g, dict) and isinstance(g.get("attacks"), list) else g for g in data["groups"]]
+        return {**data, "groups": groups}
 
     @model_validator(mode="after")
     def _references(self) -> Recipe:
@@ -242,6 +258,9 @@ class Recipe(StrictModel):
                 raise ValueError(f"forget set '{name}' is empty")
             if len(set(concepts)) != len(concepts):
                 raise ValueError(f"forget set '{name}' repeats a concept")
+        shared = [a.id for a in self.attacks]
+        if len(set(shared)) != len(shared):
+            raise ValueError(f"duplicate attack id '{next(i for i in shared if shared.count(i) > 1)}'")
         ids = [g.id for g in self.groups]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate group id '{next(i for i in ids if ids.count(i) > 1)}'")
@@ -296,6 +315,25 @@ class Recipe(StrictModel):
                     if value not in self.labels(column):
                         raise ValueError(f"claim '{claim.id}': {role}.{column} '{value}' is not in the recipe; "
                                          f"valid: {', '.join(sorted(self.labels(column)))}")
+
+
+def _shared_step(step, shared: dict, group: str | None):
+    """A group's attack entry with any reference to a recipe-level attack filled in."""
+    if isinstance(step, dict) and "use" in step:
+        stray = sorted(set(step) - {"use", "methods", "variants"})
+        if stray:
+            raise ValueError(f"group '{group}', attack '{step['use']}': a shared attack takes only 'methods' and "
+                             f"'variants' beside 'use' (got '{stray[0]}')")
+        restrictions = {k: v for k, v in step.items() if k != "use"}
+        step = step["use"]
+    elif isinstance(step, str):
+        restrictions = {}
+    else:
+        return step
+    if not isinstance(step, str) or step not in shared:
+        known = ", ".join(str(k) for k in shared) or "none"
+        raise ValueError(f"group '{group}': attack '{step}' is not one of the recipe's attacks ({known})")
+    return {**shared[step], **restrictions}
 
 
 def shipped_recipes() -> list[str]:
