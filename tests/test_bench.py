@@ -3,6 +3,7 @@ order and skipping (with a fake executor), report escaping."""
 
 from __future__ import annotations
 
+import base64
 import multiprocessing
 import subprocess
 import sys
@@ -457,6 +458,26 @@ def test_report_escapes_user_strings(tmp_path, tiny_model_dir, tiny_evaluator_di
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert html.count("<script>") == 1  # the report's own sorter, nothing else
     assert "holds" in html  # UA 50 in both seeds: an exact interval above 10
+
+
+def test_report_writes_its_figures_as_png_files(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    from diffunlearn.bench.report import figure_file_name
+
+    assert figure_file_name("strength: AR over attack steps") == "strength-ar-over-attack-steps"
+    assert figure_file_name("<script>/../x: é") == "script-x"
+    assert figure_file_name("::") == "figure"
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1))
+    recipe, root = load_recipe(path), tmp_path / "root"
+    run_grid(expand(recipe, root), FakeExecutor(), root, jobs=2, report=lambda line: None)
+    result = runner.invoke(app, ["report", str(path), "--root", str(root), "--out", str(tmp_path / "r.html"),
+                                 "--figures", str(tmp_path / "figures")])
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert "g-erase-runs.png" in written
+    html = (tmp_path / "r.html").read_text()
+    for name in written:  # each file is one of the report's figures, byte for byte
+        data = (tmp_path / "figures" / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and base64.b64encode(data).decode() in html
 
 
 def test_results_command_prints_the_leaderboard_and_every_kind_of_claim(tmp_path, tiny_model_dir,

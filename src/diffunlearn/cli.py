@@ -499,14 +499,18 @@ def report(
     domain: DomainOpt = None,
     anchor: AnchorOpt = None,
     forget_set: ForgetSetOpt = None,
+    figures: Annotated[Path | None, typer.Option(
+        "--figures", help="Also write each figure of the report as a PNG file into this folder "
+                          "(<group>-<figure>.png, e.g. for a README).")] = None,
 ) -> None:
     """Write a recipe's report: one self-contained HTML file (claims, leaderboard, plots, samples)."""
     from diffunlearn.bench import bench_report
 
     loaded = _bench_recipe(recipe, concepts, domain, anchor, forget_set)
     command = f"diffunlearn bench {recipe}" + _recipe_flags(model, protocol, concepts, domain, anchor, forget_set)
-    path = guarded(lambda: bench_report(loaded, out, root, model=model, protocol=protocol, command=command))
-    typer.echo(f"report: {path}")
+    path = guarded(lambda: bench_report(loaded, out, root, model=model, protocol=protocol, command=command,
+                                        figures_dir=figures))
+    typer.echo(f"report: {path}" + (f"; figures: {figures}" if figures is not None else ""))
 
 
 def load_recipe(model_cls, default_name: str, config: Path | None, overrides: list[str] | None):

@@ -54,11 +54,13 @@ def results(recipe: str | Path | Recipe, root: str | Path = DEFAULT_ROOT, model:
 
 
 def bench_report(recipe: str | Path | Recipe, out: str | Path = "report.html", root: str | Path = DEFAULT_ROOT,
-                 model: str | Path | None = None, protocol: str = "fast", command: str | None = None) -> Path:
-    """Write the recipe's self-contained HTML report."""
+                 model: str | Path | None = None, protocol: str = "fast", command: str | None = None,
+                 figures_dir: str | Path | None = None) -> Path:
+    """Write the recipe's self-contained HTML report (and, with `figures_dir`, each figure as a PNG)."""
     from diffunlearn.bench.report import render_report
 
-    return render_report(recipe, out, root, model=model, protocol=protocol, command=command)
+    return render_report(recipe, out, root, model=model, protocol=protocol, command=command,
+                         figures_dir=figures_dir)
 
 
 __all__ = ["DEFAULT_ROOT", "GridResult", "Node", "Recipe", "bench_report", "default_jobs", "expand",

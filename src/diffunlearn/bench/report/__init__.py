@@ -30,27 +30,58 @@ VERDICT_CLASS = {"holds": "holds", "fails": "fails", "inconclusive": "inconclusi
 
 
 def render_report(recipe: str | Path | Recipe, out: str | Path, root: str | Path = DEFAULT_ROOT,
-                  model: str | Path | None = None, protocol: str = "fast", command: str | None = None) -> Path:
-    """Write the report of a recipe's results (whatever has finished so far) to `out`."""
+                  model: str | Path | None = None, protocol: str = "fast", command: str | None = None,
+                  figures_dir: str | Path | None = None) -> Path:
+    """Write the report of a recipe's results (whatever has finished so far) to `out`; with
+    `figures_dir`, also each of its figures as a PNG file there (for a README or a paper)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     root = Path(root)
     frame = results(recipe, root, model=model, protocol=protocol)
     store = Store(root / "results.sqlite")
-    html = render_html(recipe, frame, store.curves(recipe.name), store.runs(recipe.name),
-                       command or f"diffunlearn bench {recipe.name}")
+    context = report_context(recipe, frame, store.curves(recipe.name), store.runs(recipe.name),
+                             command or f"diffunlearn bench {recipe.name}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html, encoding="utf-8")
+    out.write_text(_render(context), encoding="utf-8")
+    if figures_dir is not None:
+        write_figures(context["figures"], Path(figures_dir))
     return out
+
+
+def write_figures(figures: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Each figure as `<title as a file name>.png` in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for figure in figures:
+        path = folder / f"{figure_file_name(figure['title'])}.png"
+        path.write_bytes(base64.b64decode(figure["data"]))
+        paths.append(path)
+    return paths
+
+
+def figure_file_name(title: str) -> str:
+    """'strength: AR over attack steps' -> 'strength-ar-over-attack-steps' (letters, digits, '-')."""
+    return "-".join("".join(c if c.isascii() and c.isalnum() else " " for c in title.lower()).split()) or "figure"
 
 
 def render_html(recipe: Recipe, frame, curve_rows: list[dict[str, Any]], store_rows: list[dict[str, Any]],
                 command: str) -> str:
+    return _render(report_context(recipe, frame, curve_rows, store_rows, command))
+
+
+def _render(context: dict[str, Any]) -> str:
     import jinja2
-    import pandas as pd
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True,
                              undefined=jinja2.StrictUndefined)
+    return env.get_template(TEMPLATE).render(**context)
+
+
+def report_context(recipe: Recipe, frame, curve_rows: list[dict[str, Any]], store_rows: list[dict[str, Any]],
+                   command: str) -> dict[str, Any]:
+    """Everything the template shows: claims, leaderboards, figures (base64 PNG), image grids, runs."""
+    import pandas as pd
+
     claims = evaluate_claims(recipe, frame)
     boards = []
     for kind, metrics in (("erase", recipe.leaderboard.erase), ("attack", recipe.leaderboard.attack)):
@@ -67,13 +98,12 @@ def render_html(recipe: Recipe, frame, curve_rows: list[dict[str, Any]], store_r
     versions = sorted({r["versions"] for r in store_rows if r.get("versions")})
     gits = sorted({r["git"] for r in store_rows if r.get("git")})
     hosts = sorted({r["host"] for r in store_rows if r.get("host")})
-    context = {
+    return {
         "recipe": recipe, "command": command, "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "counts": counts, "total": len(frame), "claims": [_claim_view(c) for c in claims], "boards": boards,
         "figures": _figures(recipe, frame, curves), "grids": _grids(frame), "max_grids": MAX_IMAGE_GRIDS,
         "runs": _run_rows(frame), "versions": versions, "gits": gits, "hosts": hosts,
     }
-    return env.get_template(TEMPLATE).render(**context)
 
 
 def _claim_view(result) -> dict[str, Any]:
