@@ -480,6 +480,39 @@ def test_report_writes_its_figures_as_png_files(tmp_path, tiny_model_dir, tiny_e
         assert data.startswith(b"\x89PNG") and base64.b64encode(data).decode() in html
 
 
+def test_an_attack_several_groups_run_gets_one_figure_of_all_their_curves(tmp_path, tiny_model_dir,
+                                                                          tiny_evaluator_dir):
+    """The methods' AR curves beside the controls' (the organism's relearn-long: original,
+    retrain and the unlearned models) in one figure, only when two groups run the attack."""
+    from diffunlearn.bench.report import figure_file_name
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1))
+    text = path.read_text()
+    group = text[text.index("  - id: g\n"):text.index("\n\nestimate:")]
+    path.write_text(text.replace(group, group + "\n" + group.replace("id: g\n", "id: controls\n")
+                                 .replace("methods: ['core']", "methods: ['original']")))
+    recipe, root = load_recipe(path), tmp_path / "root"
+    assert [g.id for g in recipe.groups] == ["g", "controls"]
+
+    def curves(spec):
+        return [["attack", 0, "AR_MU_top1", 0.0], ["attack", 1, "AR_MU_top1", 40.0]] if spec["kind"] == "attack" else []
+
+    run_grid(expand(recipe, root), FakeExecutor(curves=curves), root, jobs=2, report=lambda line: None)
+    shared = figure_file_name("relearn-i: AR over attack steps, every group") + ".png"
+    result = runner.invoke(app, ["report", str(path), "--root", str(root), "--out", str(tmp_path / "r.html"),
+                                 "--figures", str(tmp_path / "figures")])
+    assert result.exit_code == 0, result.output
+    written = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert shared in written and "g-ar-over-attack-steps.png" in written
+    path.write_text(text)  # one group: its own figure only
+    run_grid(expand(load_recipe(path), tmp_path / "root1"), FakeExecutor(curves=curves), tmp_path / "root1", jobs=2,
+             report=lambda line: None)
+    result = runner.invoke(app, ["report", str(path), "--root", str(tmp_path / "root1"), "--out",
+                                 str(tmp_path / "r1.html"), "--figures", str(tmp_path / "figures1")])
+    written = {p.name for p in (tmp_path / "figures1").iterdir()}
+    assert "g-ar-over-attack-steps.png" in written and shared not in written
+
+
 def test_results_command_prints_the_leaderboard_and_every_kind_of_claim(tmp_path, tiny_model_dir,
                                                                         tiny_evaluator_dir):
     from diffunlearn.bench.claims import describe

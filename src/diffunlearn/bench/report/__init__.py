@@ -178,7 +178,31 @@ def _figures(recipe: Recipe, frame, curves) -> list[dict[str, Any]]:
             add(f"{group.id}: distance from the original weights during unlearning",
                 plots.curves(distance, "forget", ["dist_full"], "distance during unlearning", "L2 distance"),
                 "L2 distance of the whole UNet to the original weights")
+    for step, groups in _shared_attacks(recipe).items():
+        a = curves[(curves["source"] == "attack") & (curves["attack"] == step)
+                   & curves["group"].isin(groups)].copy() if not curves.empty else curves
+        if a.empty or a["group"].nunique() < 2:
+            continue
+        a["label"] = [f"{r['group']}: {_method_label(r)}" for _, r in a.iterrows()]
+        add(f"{step}: AR over attack steps, every group",
+            plots.curves(a, "forget", ["AR_MU_top1"], f"{step}: AR top-1, methods beside the controls",
+                         "AR top-1 (%)"),
+            f"every group the attack {step} ran in, one panel per forget set: the unlearned models beside the "
+            "controls attacked the same way; mean over seeds, band: lowest to highest seed")
     return figures
+
+
+def _shared_attacks(recipe: Recipe) -> dict[str, list[str]]:
+    """Each attack id that several groups run -> those groups (their AR curves share a figure)."""
+    groups: dict[str, list[str]] = {}
+    for group in recipe.groups:
+        for step in group.attacks:
+            groups.setdefault(step.id, []).append(group.id)
+    return {step: ids for step, ids in groups.items() if len(ids) > 1}
+
+
+def _method_label(row) -> str:
+    return str(row["method"]) + ("" if row.get("variant") in (None, "default") else f"/{row['variant']}")
 
 
 def _grids(frame) -> list[dict[str, Any]]:
