@@ -185,7 +185,7 @@ def _figures(recipe: Recipe, frame, curves) -> list[dict[str, Any]]:
             continue
         a["label"] = [f"{r['group']}: {_method_label(r)}" for _, r in a.iterrows()]
         add(f"{step}: AR over attack steps, every group",
-            plots.curves(a, "forget", ["AR_MU_top1"], f"{step}: AR top-1, methods beside the controls",
+            plots.curves(a, "forget", ["AR_MU_top1"], f"{step}: AR top-1 in every group that runs it",
                          "AR top-1 (%)"),
             f"every group the attack {step} ran in, one panel per forget set: the unlearned models beside the "
             "controls attacked the same way; mean over seeds, band: lowest to highest seed")
