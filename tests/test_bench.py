@@ -8,6 +8,7 @@ import multiprocessing
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -261,7 +262,8 @@ def test_a_difference_inside_one_generation_is_inconclusive():
                    other={"method": "retrain", "attack": "relearn"})
     close = evaluate_claim(claim, _frame(rows(3.0, 1.0, "a") + rows(0.0, 5.0, "retrain")))
     assert close.verdict == INCONCLUSIVE and "(resolution 5 points)" in close.slices[0].numbers
-    assert evaluate_claim(claim, _frame(rows(6.0, 1.0, "a") + rows(0.0, 5.0, "retrain"))).verdict == HOLDS
+    # 15 points (45 of 300 generations: Wilson [11.40, 19.48]) against 0 of 60 ([0, 6.02]): apart
+    assert evaluate_claim(claim, _frame(rows(15.0, 1.0, "a") + rows(0.0, 5.0, "retrain"))).verdict == HOLDS
     rise = _claim(metric="AR_DiMRA_top1", kind="rises", from_metric="AR_MU_top1",
                   subject={"method": "a", "attack": "relearn"})
     assert evaluate_claim(rise, _frame(rows(3.0, 5.0, "a"))).verdict == INCONCLUSIVE
@@ -269,6 +271,42 @@ def test_a_difference_inside_one_generation_is_inconclusive():
     assert evaluate_claim(_claim(kind="greater", other={"method": "esd"}), _frame(  # Total: no resolution
         [{"method": "core", "seed": s, "Total": 3.0} for s in range(3)]
         + [{"method": "esd", "seed": s, "Total": 0.0} for s in range(3)])).verdict == HOLDS
+
+
+def test_shares_of_generations_get_at_least_the_wilson_interval():
+    """Seeds that agree give a t-interval of width 0; the generations behind a share bound how
+    narrow it can be. Worked by hand (z = 1.959964, z^2 = 3.841459), Wilson's interval
+    (k + z^2/2) / (n + z^2) +/- z / (n + z^2) * sqrt(k (n - k) / n + z^2 / 4):
+    - 0 of 60: centre 1.92073 / 63.84146 = 0.030086, half 0.030701 * 0.979982 = 0.030086 -> [0, 6.017]
+    - 45 of 300: centre 46.92073 / 303.84146 = 0.154425, half 0.0064506 * sqrt(38.25 + 0.960365)
+      = 0.040393 -> [11.403, 19.482]"""
+    from diffunlearn.bench.claims import interval, wilson
+    from diffunlearn.bench.results import leaderboard
+
+    assert wilson(0, 60) == (pytest.approx(0.0, abs=1e-9), pytest.approx(6.017, abs=1e-3))
+    lo, hi = wilson(45, 300)
+    assert lo == pytest.approx(11.403, abs=1e-3) and hi == pytest.approx(19.482, abs=1e-3)
+
+    def rows(ar: float, res: float | None, method: str = "a") -> list[dict]:
+        return [{"method": method, "attack": "relearn", "kind": "attack", "seed": s, "AR_DiMRA_top1": ar,
+                 "AR_resolution": res, "Total": 7.0} for s in range(3)]
+
+    agree = _frame(rows(15.0, 1.0))
+    floored = interval(agree, "AR_DiMRA_top1")  # three runs of 100 generations, each 15: t-interval [15, 15]
+    assert (floored.lo, floored.hi) == (pytest.approx(11.403, abs=1e-3), pytest.approx(19.482, abs=1e-3))
+    assert "Wilson interval of 300 generations" in floored.text()
+    assert interval(agree, "Total").lo == 7.0  # not a share: the t-interval alone
+    assert interval(_frame(rows(15.0, None)), "AR_DiMRA_top1").lo == 15.0  # no resolution recorded: unchanged
+    spread = _frame([{**r, "AR_DiMRA_top1": v} for r, v in zip(rows(15.0, 1.0), (0.0, 15.0, 30.0), strict=True)])
+    wide = interval(spread, "AR_DiMRA_top1")  # t: 15 +/- 4.303 * 15 / sqrt(3) = [-22.3, 52.3], wider than Wilson
+    assert wide.lo == pytest.approx(15 - 4.303 * 15 / 3 ** 0.5, abs=1e-2) and wide.generations is None
+    board = leaderboard(agree, ["AR_DiMRA_top1"], "attack")  # the leaderboard shows the same interval
+    assert board.loc[0, "AR_DiMRA_top1_lo"] == pytest.approx(11.403, abs=1e-3)
+    # a control evaluated once (seedless, exact) at 0 of 22 generations is not exactly 0 either
+    control = _frame([{"method": "original", "seed": None, "AR_MU_top1": 0.0, "AR_resolution": 100 / 22}])
+    assert interval(control, "AR_MU_top1").hi == pytest.approx(14.865, abs=1e-3)  # Wilson, 0 of 22
+    claim = _claim(metric="AR_MU_top1", kind="at_most", value=10, subject={"method": "original"})
+    assert evaluate_claim(claim, control).verdict == INCONCLUSIVE  # 0 of 22: up to 14.9% is possible
 
 
 def test_per_method_judges_each_listed_method_apart():
@@ -458,6 +496,25 @@ def test_report_escapes_user_strings(tmp_path, tiny_model_dir, tiny_evaluator_di
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert html.count("<script>") == 1  # the report's own sorter, nothing else
     assert "holds" in html  # UA 50 in both seeds: an exact interval above 10
+
+
+def test_the_results_folder_spelled_two_ways_holds_the_same_finished_runs(tmp_path, tiny_model_dir,
+                                                                         tiny_evaluator_dir, monkeypatch):
+    """A grid run with `--root runs/bench` from its folder is the same grid as `--root
+    /abs/.../runs/bench` from anywhere: its runs are recognised (skipped, and shown by results)."""
+    import diffunlearn
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1))
+    monkeypatch.chdir(tmp_path)
+    relative = Path("runs") / "bench"
+    first = run_grid(expand(load_recipe(path), relative), FakeExecutor(), relative, report=lambda line: None)
+    assert first.ok and first.done
+    monkeypatch.chdir(tiny_model_dir)
+    absolute = tmp_path / "runs" / "bench"
+    frame = diffunlearn.results(path, absolute)
+    assert len(frame) == len(first.done) and (frame["status"] == "complete").all()
+    again = run_grid(expand(load_recipe(path), absolute), FakeExecutor(), absolute, report=lambda line: None)
+    assert not again.done and sorted(again.skipped) == sorted(first.done)
 
 
 def test_report_writes_its_figures_as_png_files(tmp_path, tiny_model_dir, tiny_evaluator_dir):

@@ -15,11 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from bench_helpers import TINY_ERASE, InlineExecutor, tiny_recipe
 from conftest import TINY_EVAL
+from typer.testing import CliRunner
 
 from diffunlearn.bench import load_recipe, run_bench
 from diffunlearn.bench.store import Store
+from diffunlearn.cli import app
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -79,6 +82,27 @@ def test_quick_recipe_grid_results_and_report_on_the_tiny_model(tmp_path, tiny_m
     html = diffunlearn.bench_report(recipe, tmp_path / "report.html", root).read_text()
     assert all(claim_id in html for claim_id in verdicts) and 'class="verdict nodata"' not in html
     assert html.count('class="verdict inconclusive"') >= len(verdicts)  # a verdict per claim (and slice) shown
+    evaluated = frame[~attacks]  # erase and evaluate runs record the generations behind their AR too
+    assert (evaluated["AR_resolution"] == 100 / evaluated["forget_images"]).all()
+
+    # a record made before an upgrade of the extraction: `bench --refresh` re-reads it, times kept
+    from diffunlearn.bench.worker import record_path
+
+    node = next(n for n in nodes if n.kind == "erase")
+    spec = node.spec(root, None, {})
+    record = json.loads(record_path(spec).read_text())
+    seconds = record["metrics"]["seconds"]
+    record["metrics"] = {k: v for k, v in record["metrics"].items() if k not in ("forget_images", "UA")}
+    Store(root / "results.sqlite").record(record)
+    record_path(spec).write_text(json.dumps(record))
+    assert diffunlearn.results(recipe, root).set_index("node").loc[node.node, ["UA", "forget_images"]].isna().all()
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    refreshed = CliRunner().invoke(app, ["bench", str(recipe_file), "--root", str(root), "--refresh"])
+    assert refreshed.exit_code == 0 and f"figures of {len(nodes)} finished runs" in refreshed.output, refreshed.output
+    row = diffunlearn.results(recipe, root).set_index("node").loc[node.node]
+    assert row["UA"] == frame.set_index("node").loc[node.node, "UA"] and row["forget_images"] > 0
+    assert row["seconds"] == seconds
 
 
 @pytest.mark.slow

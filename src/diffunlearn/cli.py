@@ -409,6 +409,9 @@ def bench(
     forget_set: ForgetSetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and the estimated time; run nothing.")
                        ] = False,
+    refresh: Annotated[bool, typer.Option(
+        "--refresh", help="Re-read the figures of finished runs from their run directories into the results store "
+                          "(after an upgrade changes what is read from a run); run nothing.")] = False,
 ) -> None:
     """Run a benchmark recipe: expand it into erase/attack/evaluate runs, skip finished ones, resume
     interrupted ones, run attacks after their erase runs, record everything in the results store.
@@ -432,6 +435,13 @@ def bench(
     group_list = split_names(groups)
     if executor not in ("local", "ray", "slurm"):
         fail(f"unknown executor '{executor}'; valid: local, ray, slurm")
+    if refresh:
+        from diffunlearn.bench import refresh_bench
+
+        count = guarded(lambda: refresh_bench(loaded, root, model=model, protocol=protocol, seeds=seed_list,
+                                              groups=group_list))
+        typer.echo(f"{loaded.name}: the figures of {count} finished runs re-read into {root / 'results.sqlite'}")
+        return
     if dry_run:
         nodes = guarded(lambda: expand(loaded, root, model=model, protocol=protocol, seeds=seed_list,
                                        groups=group_list))
@@ -476,7 +486,7 @@ def results(
     anchor: AnchorOpt = None,
     forget_set: ForgetSetOpt = None,
 ) -> None:
-    """Print a recipe's leaderboard (means with 95% t-intervals over seeds) and its claims' verdicts."""
+    """Print a recipe's leaderboard (means with 95% intervals over seeds) and its claims' verdicts."""
     from diffunlearn.bench.results import results as frame_of
     from diffunlearn.bench.results import summary_text
 

@@ -45,6 +45,25 @@ def run_bench(recipe: str | Path | Recipe, jobs: int | None = None, executor: st
     return run_grid(nodes, runner, root, jobs=jobs, threads=threads, retries=own_retries, report=report)
 
 
+def refresh_bench(recipe: str | Path | Recipe, root: str | Path = DEFAULT_ROOT, model: str | Path | None = None,
+                  protocol: str = "fast", seeds: list[int] | None = None, groups: list[str] | None = None) -> int:
+    """Re-read the figures of the recipe's finished runs from their directories into the store
+    (after an upgrade changes what is read from a run); runs nothing. Returns the runs refreshed."""
+    from diffunlearn.bench.store import Store
+    from diffunlearn.bench.worker import refresh_record
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    root = Path(root)
+    nodes = expand(recipe, root, model=model, protocol=protocol, seeds=seeds, groups=groups)
+    if not nodes:
+        return 0
+    store = Store(root / "results.sqlite")
+    store.sync(root / recipe.name / "records")
+    complete = store.complete(recipe.name)
+    finished = [n for n in nodes if complete.get(n.node) == n.spec_hash]
+    return sum(refresh_record(n.spec(root, None, {})) for n in finished)
+
+
 def results(recipe: str | Path | Recipe, root: str | Path = DEFAULT_ROOT, model: str | Path | None = None,
             protocol: str = "fast", current: bool = True):
     """The recipe's runs as a pandas DataFrame: one row per run, one column per metric."""
@@ -64,4 +83,4 @@ def bench_report(recipe: str | Path | Recipe, out: str | Path = "report.html", r
 
 
 __all__ = ["DEFAULT_ROOT", "GridResult", "Node", "Recipe", "bench_report", "default_jobs", "expand",
-           "load_recipe", "results", "run_bench", "run_grid", "shipped_recipes"]
+           "load_recipe", "refresh_bench", "results", "run_bench", "run_grid", "shipped_recipes"]

@@ -20,9 +20,13 @@ Claim kinds (`recipe.Claim`); a comparison of A over B, on the rows a selection 
   same per-seed change lies within [-value, value] (holds), wholly outside it (fails), or
   across its edge (inconclusive).
 A share of the forget generations (AR_*, forget accuracy, resurgence) moves in steps of its
-resolution, 100 / the forget images (`AR_resolution` of the attack runs): a comparison of such
+resolution, 100 / the forget images (`AR_resolution` of each run): a comparison of such
 figures whose means differ by less than one step is inconclusive whatever the intervals say (a
-difference inside one generation is noise), and its figures say the resolution.
+difference inside one generation is noise), and its figures say the resolution. The interval
+of such a share (AR_MU, AR_DiMRA, AR_final, forget accuracy: not resurgence, a difference) is
+never narrower than the 95% Wilson score interval of the generations pooled over its runs:
+seeds that agree (three runs each seeing 1 of 22 generations) give a t-interval of width 0,
+though 3 of 66 generations cannot tell 4.5% from 10%; the figures say when the floor widened it.
 `per` splits the claim into one verdict per value of those columns; the claim holds when
 every slice holds, fails when any slice fails, else is inconclusive. A slice without runs
 yet says `no data`. All rows a selection picks in a slice are pooled.
@@ -66,6 +70,7 @@ class Interval:
     lo: float | None
     hi: float | None
     n: int
+    generations: int | None = None  # set when the Wilson interval of this many generations widened it
 
     @classmethod
     def of(cls, values: Iterable[float], exact: bool = False) -> Interval:
@@ -87,6 +92,9 @@ class Interval:
         """'98.3 [96.1, 100.5] (n=3)'; a seedless control is 'exact', a single value has no interval."""
         if not self.known:
             return f"{self.mean:.4g} (n={self.n}, no interval)"
+        if self.generations:
+            return (f"{self.mean:.4g} [{self.lo:.4g}, {self.hi:.4g}] (n={self.n}; Wilson interval of "
+                    f"{self.generations} generations)")
         if self.n == 1:
             return f"{self.mean:.4g} (n=1, exact)"
         return f"{self.mean:.4g} [{self.lo:.4g}, {self.hi:.4g}] (n={self.n})"
@@ -113,6 +121,36 @@ def resolution(rows: pd.DataFrame, metric: str) -> float | None:
         return None
     values = rows["AR_resolution"].dropna()
     return float(values.max()) if not values.empty else None
+
+
+PROPORTIONS = ("AR_MU_", "AR_DiMRA_", "AR_final_", "forget_acc_")  # shares of one evaluation's generations
+
+
+def wilson(successes: float, trials: float, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of `successes` in `trials`, in points (0-100):
+    (k + z^2/2) / (n + z^2) +/- z / (n + z^2) * sqrt(k (n - k) / n + z^2 / 4)."""
+    k, n = successes, trials
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z / (n + z * z) * math.sqrt(max(k * (n - k) / n, 0.0) + z * z / 4)
+    return 100 * max(centre - half, 0.0), 100 * min(centre + half, 1.0)
+
+
+def sampling_floor(rows: pd.DataFrame, metric: str, values: Interval) -> Interval:
+    """`values` widened to the Wilson interval of the generations behind a share of the forget
+    generations (each run's 100 / AR_resolution, pooled); any other figure, or rows that do not
+    record their resolution, unchanged."""
+    if (not metric.startswith(PROPORTIONS) or metric.endswith("_step") or not values.known
+            or "AR_resolution" not in rows):
+        return values
+    picked = rows[rows[metric].notna()]
+    if picked["AR_resolution"].isna().any():
+        return values
+    images = (100.0 / picked["AR_resolution"]).round()
+    trials = float(images.sum())
+    lo, hi = wilson(float((picked[metric] / 100.0 * images).sum()), trials)
+    if lo >= values.lo and hi <= values.hi:
+        return values
+    return Interval(values.mean, min(values.lo, lo), max(values.hi, hi), values.n, generations=int(trials))
 
 
 def resolved(verdict: str, difference: float, step: float | None) -> str:
@@ -219,7 +257,7 @@ def interval(rows: pd.DataFrame, metric: str) -> Interval | None:
     if values.empty:
         return None
     seedless = bool(rows.loc[values.index, "seed"].isna().all())
-    return Interval.of(values.tolist(), exact=seedless)
+    return sampling_floor(rows, metric, Interval.of(values.tolist(), exact=seedless))
 
 
 def _label(rows: pd.DataFrame, selection: Selection, fixed: dict[str, str] | None = None) -> str:

@@ -80,9 +80,16 @@ def _take(source: dict[str, Any] | None, keys, prefix: str = "") -> dict[str, fl
     return out
 
 
+def generation_counts(evaluation: dict[str, Any] | None) -> dict[str, float]:
+    """The forget generations behind an evaluation's AR (`forget_images`) and the points one of
+    them moves it (`AR_resolution`), as attack summaries record them."""
+    images = clean(((evaluation or {}).get("counts") or {}).get("forget-full"))
+    return {"forget_images": images, "AR_resolution": 100.0 / images} if images else {}
+
+
 def erase_metrics(out: Path) -> dict[str, float]:
     m = json.loads((out / "metrics.json").read_text())
-    figures = _take(m.get("after"), EVALUATION_KEYS)
+    figures = _take(m.get("after"), EVALUATION_KEYS) | generation_counts(m.get("after"))
     figures |= _take(m.get("before"), EVALUATION_KEYS, "before.")
     figures |= _take(m.get("paired"), PAIRED_KEYS)
     figures |= _take(m.get("cost"), COST_KEYS)
@@ -108,7 +115,7 @@ def attack_metrics(out: Path) -> dict[str, float]:
 
 def evaluation_metrics(out: Path) -> dict[str, float]:
     m = json.loads((out / "evaluation.json").read_text())
-    figures = _take(m, EVALUATION_KEYS)
+    figures = _take(m, EVALUATION_KEYS) | generation_counts(m)
     figures["SFID"] = 100.0  # min(100 * FID_0 / FID_0, 100): the original is its own reference
     if all(k in figures for k in ("UA", "IRA", "CRA")):
         figures["Total"] = figures["UA"] + figures["IRA"] + figures["CRA"] + 100.0

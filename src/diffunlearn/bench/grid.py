@@ -86,11 +86,23 @@ class Node:
 
     @property
     def spec_hash(self) -> str:
-        """What makes this node's result: its directory (the run id), its overrides and concept set."""
-        data: dict[str, Any] = {"out": str(self.out), "overrides": self.overrides, "kind": self.kind}
+        """What makes this node's result: its directory (the run id), its overrides and concept set.
+        The directory counts from the results folder, so `--root runs/bench` and the same folder
+        spelled from elsewhere (`--root /work/x/runs/bench`) recognise the same finished runs."""
+        data: dict[str, Any] = {"out": str(DEFAULT_ROOT / self.within_root), "overrides": self.overrides,
+                                "kind": self.kind}
         if self.task_options:
             data["task"] = self.task_options
         return config_hash(data)
+
+    @property
+    def within_root(self) -> Path:
+        """The run directory from the results folder on: `<recipe>/runs/...`."""
+        parts = self.out.parts
+        for i in range(len(parts) - 2, -1, -1):
+            if parts[i] == self.recipe and parts[i + 1] == "runs":
+                return Path(*parts[i:])
+        raise ValueError(f"{self.out} is not under a '{self.recipe}/runs' folder")
 
     def spec(self, root: Path, threads: int | None, extra: dict[str, Any]) -> dict[str, Any]:
         return {"recipe": self.recipe, "node": self.node, "spec": self.spec_hash, "kind": self.kind,

@@ -3,7 +3,7 @@ claims with their verdicts, and the text `diffunlearn results RECIPE` prints.
 
     import diffunlearn
     frame = diffunlearn.results("quick")          # one row per run, one column per metric
-    board = leaderboard(frame, ["UA", "Total"])    # mean, 95% t-interval and n over seeds
+    board = leaderboard(frame, ["UA", "Total"])    # mean and 95% interval over seeds
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from diffunlearn.bench.claims import ClaimResult, Interval, evaluate_claims
+from diffunlearn.bench.claims import ClaimResult, evaluate_claims, interval
 from diffunlearn.bench.grid import DEFAULT_ROOT, expand
 from diffunlearn.bench.recipe import Recipe, load_recipe
 from diffunlearn.bench.store import Store
@@ -65,7 +65,9 @@ def results(recipe: str | Path | Recipe, root: str | Path = DEFAULT_ROOT, model:
 
 
 def leaderboard(frame: pd.DataFrame, metrics: list[str], kind: str | None = None) -> pd.DataFrame:
-    """Mean, 95% t-interval (lo, hi) and n over seeds of each metric, per configuration."""
+    """Mean and 95% interval (lo, hi) over seeds of each metric, per configuration: the t-interval,
+    for a share of the forget generations at least the Wilson interval of its pooled generations
+    (`claims.interval`)."""
     import pandas as pd
 
     rows = frame[frame["status"] == "complete"]
@@ -77,14 +79,12 @@ def leaderboard(frame: pd.DataFrame, metrics: list[str], kind: str | None = None
     for key, group in rows.groupby(LABELS, sort=False, dropna=False):
         entry = dict(zip(LABELS, key, strict=True))
         entry["runs"] = len(group)
-        seedless = bool(group["seed"].isna().all())
         for metric in metrics:
-            values = group[metric].dropna().tolist() if metric in group.columns else []
-            if not values:
+            figure = interval(group, metric)  # the claims' interval: shares never narrower than Wilson's
+            if figure is None:
                 entry.update({metric: None, f"{metric}_lo": None, f"{metric}_hi": None})
                 continue
-            interval = Interval.of(values, exact=seedless)
-            entry.update({metric: interval.mean, f"{metric}_lo": interval.lo, f"{metric}_hi": interval.hi})
+            entry.update({metric: figure.mean, f"{metric}_lo": figure.lo, f"{metric}_hi": figure.hi})
         out.append(entry)
     columns = [*LABELS, "runs", *[c for m in metrics for c in (m, f"{m}_lo", f"{m}_hi")]]
     return pd.DataFrame(out, columns=columns)
@@ -128,7 +128,8 @@ def summary_text(recipe: Recipe, frame: pd.DataFrame) -> str:
     for kind, metrics in (("erase", recipe.leaderboard.erase), ("attack", recipe.leaderboard.attack)):
         board = leaderboard(frame, metrics, kind)
         if not board.empty:
-            parts += [f"## {kind} runs (mean [95% t-interval] over seeds)", "", markdown_board(board, metrics), ""]
+            parts += [f"## {kind} runs (mean [95% interval] over seeds: Student t; AR-type shares at least the "
+                      "Wilson interval of their generations)", "", markdown_board(board, metrics), ""]
     if recipe.claims:
         parts += ["## claims", "", markdown_claims(evaluate_claims(recipe, frame)), ""]
     return "\n".join(parts)

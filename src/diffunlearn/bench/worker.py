@@ -103,6 +103,26 @@ def run_node(spec: dict[str, Any], raise_on_failure: bool = True) -> dict[str, A
     return record
 
 
+def refresh_record(spec: dict[str, Any]) -> bool:
+    """Re-read a finished node's figures and curves from its run directory into its record file
+    and the store (what an upgrade of `bench/extract.py` adds shows for runs made before it);
+    the run's times are kept. False when the node has no complete record or no directory."""
+    from diffunlearn.bench.extract import curves, run_figures
+    from diffunlearn.bench.store import Store
+
+    path, out = record_path(spec), Path(spec["out"])
+    if not path.is_file() or not out.is_dir():
+        return False
+    record = json.loads(path.read_text())
+    if record.get("status") != "complete":
+        return False
+    kept = {k: v for k, v in (record.get("metrics") or {}).items() if k in ("seconds", "cpu_seconds")}
+    record.update(metrics=run_figures(out, spec["kind"]) | kept, curves=curves(out, spec["kind"]))
+    _save_record(spec, record)
+    Store(spec["store"]).record(record)
+    return True
+
+
 def _refuse_diverged(out: Path) -> None:
     """A run directory marked `diverged` (by this grid earlier, or by a command) fails at once as
     diverged, with the step it diverged at, rather than as a run directory error."""

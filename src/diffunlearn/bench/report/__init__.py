@@ -1,7 +1,7 @@
 """`diffunlearn report RECIPE --out report.html`: one self-contained HTML file.
 
 The claims with their verdicts and the numbers behind them, sortable leaderboards (means with
-95% t-intervals over seeds), figures (bar charts with intervals, AR and distance curves over
+95% intervals over seeds), figures (bar charts with intervals, AR and distance curves over
 attack steps, loss terms and distances over the unlearning) and image grids (forget and retain
 prompts before and after unlearning, then before and after each attack, the same seeds in
 each column), then every run with its status, time and host. Figures and images are embedded
@@ -140,12 +140,12 @@ def _figures(recipe: Recipe, frame, curves) -> list[dict[str, Any]]:
             continue
         erase_board = leaderboard(part, recipe.leaderboard.erase, "erase")
         add(f"{group.id}: erase runs", plots.bars(erase_board, recipe.leaderboard.erase, group.id),
-            "mean over seeds, error bars: 95% t-interval")
+            "mean over seeds, error bars: 95% interval (t over seeds; AR-type shares at least Wilson's)")
         g = curves[curves["group"] == group.id] if not curves.empty else curves
         if group.attacks:
             attack_board = leaderboard(part, recipe.leaderboard.attack, "attack")
             add(f"{group.id}: attack runs", plots.bars(attack_board, recipe.leaderboard.attack, group.id),
-                "mean over seeds, error bars: 95% t-interval")
+                "mean over seeds, error bars: 95% interval (t over seeds; AR-type shares at least Wilson's)")
             if not g.empty:
                 a = g[g["source"] == "attack"].copy()
                 a["panel"] = a["attack"] + " / " + a["forget"]
