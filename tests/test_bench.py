@@ -376,6 +376,27 @@ def test_store_survives_four_concurrent_writers(tmp_path):
 
 # ---- the runner (fake executor: order, skipping, failures) -----------------------------------------
 
+def test_the_longest_chain_of_runs_starts_first(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    """Estimated seconds (erase, then its attack): s0 30 + 5, s1 10 + 50, s2 40 + 0, the control
+    1. Chains: s1 60, s2 40, s0 35, control 1 (+ its attack 1: 2). With one job, s1's erase
+    starts first, though the recipe lists it second; an attack still waits for its erase run."""
+    from diffunlearn.bench.grid import critical_path_first
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1, 2), methods=("original", "core"))
+    nodes = expand(load_recipe(path), tmp_path / "root")
+    seconds = {"g/default/core/dotted/s0": 30, "g/default/core/dotted/s0/relearn-i": 5,
+               "g/default/core/dotted/s1": 10, "g/default/core/dotted/s1/relearn-i": 50,
+               "g/default/core/dotted/s2": 40, "g/default/core/dotted/s2/relearn-i": 0}
+    for n in nodes:
+        n.est_seconds = seconds.get(n.node, 1)
+    assert critical_path_first(nodes)[:4] == ["g/default/core/dotted/s1", "g/default/core/dotted/s1/relearn-i",
+                                              "g/default/core/dotted/s2", "g/default/core/dotted/s0"]
+    fake = FakeExecutor()
+    run_grid(nodes, fake, tmp_path / "root", jobs=1, report=lambda line: None)
+    assert fake.submitted[:3] == ["g/default/core/dotted/s1", "g/default/core/dotted/s1/relearn-i",
+                                  "g/default/core/dotted/s2"]
+
+
 def test_runner_orders_dependencies_skips_finished_and_blocks_after_failures(tmp_path, tiny_model_dir,
                                                                               tiny_evaluator_dir):
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1))
