@@ -299,7 +299,10 @@ def test_shares_of_generations_get_at_least_the_wilson_interval():
     assert interval(_frame(rows(15.0, None)), "AR_DiMRA_top1").lo == 15.0  # no resolution recorded: unchanged
     spread = _frame([{**r, "AR_DiMRA_top1": v} for r, v in zip(rows(15.0, 1.0), (0.0, 15.0, 30.0), strict=True)])
     wide = interval(spread, "AR_DiMRA_top1")  # t: 15 +/- 4.303 * 15 / sqrt(3) = [-22.3, 52.3], wider than Wilson
-    assert wide.lo == pytest.approx(15 - 4.303 * 15 / 3 ** 0.5, abs=1e-2) and wide.generations is None
+    assert wide.hi == pytest.approx(15 + 4.303 * 15 / 3 ** 0.5, abs=1e-2) and wide.generations is None
+    assert wide.lo == 0.0  # cut to the range of a share
+    assert interval(_frame([{**r, "Total": v} for r, v in zip(rows(15.0, 1.0), (0.0, 15.0, 30.0), strict=True)]),
+                    "Total").lo < 0  # not a share: not cut
     board = leaderboard(agree, ["AR_DiMRA_top1"], "attack")  # the leaderboard shows the same interval
     assert board.loc[0, "AR_DiMRA_top1_lo"] == pytest.approx(11.403, abs=1e-3)
     # a control evaluated once (seedless, exact) at 0 of 22 generations is not exactly 0 either

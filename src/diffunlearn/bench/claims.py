@@ -27,6 +27,7 @@ of such a share (AR_MU, AR_DiMRA, AR_final, forget accuracy: not resurgence, a d
 never narrower than the 95% Wilson score interval of the generations pooled over its runs:
 seeds that agree (three runs each seeing 1 of 22 generations) give a t-interval of width 0,
 though 3 of 66 generations cannot tell 4.5% from 10%; the figures say when the floor widened it.
+Such an interval is cut to [0, 100], where every share lies.
 `per` splits the claim into one verdict per value of those columns; the claim holds when
 every slice holds, fails when any slice fails, else is inconclusive. A slice without runs
 yet says `no data`. All rows a selection picks in a slice are pooled.
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from diffunlearn.bench.recipe import SELECTION_COLUMNS, Claim, Recipe, Selection
@@ -136,21 +137,21 @@ def wilson(successes: float, trials: float, z: float = 1.959964) -> tuple[float,
 
 
 def sampling_floor(rows: pd.DataFrame, metric: str, values: Interval) -> Interval:
-    """`values` widened to the Wilson interval of the generations behind a share of the forget
-    generations (each run's 100 / AR_resolution, pooled); any other figure, or rows that do not
-    record their resolution, unchanged."""
-    if (not metric.startswith(PROPORTIONS) or metric.endswith("_step") or not values.known
-            or "AR_resolution" not in rows):
+    """For a share of the forget generations: `values` widened to the Wilson interval of the
+    generations behind it (each run's 100 / AR_resolution, pooled; rows that do not record
+    their resolution get no floor), then cut to the shares' range [0, 100]. Any other figure
+    unchanged."""
+    if not metric.startswith(PROPORTIONS) or metric.endswith("_step") or not values.known:
         return values
     picked = rows[rows[metric].notna()]
-    if picked["AR_resolution"].isna().any():
-        return values
-    images = (100.0 / picked["AR_resolution"]).round()
-    trials = float(images.sum())
-    lo, hi = wilson(float((picked[metric] / 100.0 * images).sum()), trials)
-    if lo >= values.lo and hi <= values.hi:
-        return values
-    return Interval(values.mean, min(values.lo, lo), max(values.hi, hi), values.n, generations=int(trials))
+    if "AR_resolution" in picked and not picked["AR_resolution"].isna().any():
+        images = (100.0 / picked["AR_resolution"]).round()
+        trials = float(images.sum())
+        lo, hi = wilson(float((picked[metric] / 100.0 * images).sum()), trials)
+        if lo < values.lo or hi > values.hi:
+            values = Interval(values.mean, min(values.lo, lo), max(values.hi, hi), values.n,
+                              generations=int(trials))
+    return replace(values, lo=max(values.lo, 0.0), hi=min(values.hi, 100.0))
 
 
 def resolved(verdict: str, difference: float, step: float | None) -> str:
