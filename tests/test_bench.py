@@ -86,6 +86,10 @@ BAD_RECIPES = {
     "the old evaluator key": ("protocols: {fast: ['eval.evaluators=/x']}", "eval.evaluator=canvas:DIR"),
     "the old task key": ("overrides: [task.images_per_pair=1]", "task.images_per_pair"),
     "concept set as an override": ("overrides: [task.concepts=canvas]", "recipe's `task:` block"),
+    "bad curve point": ("claims: [{id: c, paper: p, finding: f, metric: AR_MU_top1@x, kind: at_least, value: 1, "
+                        "subject: {method: core}}]", "NAME@STEP"),
+    "unknown curve figure": ("claims: [{id: c, paper: p, finding: f, metric: Total@400, kind: at_least, value: 1, "
+                             "subject: {method: core}}]", "unknown metric 'Total@400'"),
     "unknown shared attack": ("groups: [{id: g, methods: [core], forget: [one], attacks: [relearn]}]",
                               "attack 'relearn' is not one of the recipe's attacks (none)"),
     "shared attack with its own overrides": (
@@ -592,6 +596,46 @@ def test_an_attack_several_groups_run_gets_one_figure_of_all_their_curves(tmp_pa
                                  str(tmp_path / "r1.html"), "--figures", str(tmp_path / "figures1")])
     written = {p.name for p in (tmp_path / "figures1").iterdir()}
     assert "g-ar-over-attack-steps.png" in written and shared not in written
+
+
+def test_a_claim_reads_the_attack_curve_at_one_step(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    """`AR_MU_top1@1`: each attack's AR at step 1 (curves 0 -> 10 * (seed + 1) -> 90), compared
+    by seed with the last step (`rises` from the point to AR_final): 90 - 10 and 90 - 20, a
+    mean of 75 with a t-interval of 75 +/- 12.706 * 7.071 / sqrt(2) = [11.47, 138.53]: holds."""
+    import diffunlearn
+
+    claims = textwrap.dedent("""\
+        claims:
+          - id: later-is-higher
+            paper: p
+            finding: f
+            metric: AR_final_top1
+            kind: rises
+            from_metric: AR_MU_top1@1
+            subject: {method: core, attack: relearn-i}
+        leaderboard:
+          attack: [AR_MU_top1@1, AR_final_top1]
+        """)
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1), claims=claims)
+    recipe, root = load_recipe(path), tmp_path / "root"
+
+    def curves(spec):
+        if spec["kind"] != "attack":
+            return []
+        return [["attack", 0, "AR_MU_top1", 0.0], ["attack", 1, "AR_MU_top1", 10.0 * (spec["seed"] + 1)],
+                ["attack", 2, "AR_MU_top1", 90.0]]
+
+    def metrics(spec):
+        return {"AR_final_top1": 90.0} if spec["kind"] == "attack" else {"UA": 50.0}
+
+    run_grid(expand(recipe, root), FakeExecutor(metrics=metrics, curves=curves), root, jobs=2,
+             report=lambda line: None)
+    frame = diffunlearn.results(path, root)
+    attacks = frame[frame["kind"] == "attack"].set_index("seed")
+    assert attacks.loc[0, "AR_MU_top1@1"] == 10.0 and attacks.loc[1, "AR_MU_top1@1"] == 20.0
+    assert frame.loc[frame["kind"] == "erase", "AR_MU_top1@1"].isna().all()
+    result = evaluate_claim(recipe.claims[0], frame)
+    assert result.verdict == HOLDS and "75 [11.47, 138.5]" in result.slices[0].numbers, result.slices[0].numbers
 
 
 def test_results_command_prints_the_leaderboard_and_every_kind_of_claim(tmp_path, tiny_model_dir,

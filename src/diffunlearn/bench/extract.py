@@ -45,6 +45,20 @@ TRACE_KEYS = ("cos_update_retain", "cos_update_forget", "lambda_t")  # per-step 
 RUN_KEYS = ("seconds", "cpu_seconds")  # wall and CPU time of the whole run, measured by the worker
 
 
+# attack-curve figures a claim or leaderboard can read at one step: `AR_MU_top1@400`
+CURVE_POINT_KEYS = ("AR_MU_top1", "AR_MU_top3", "AR_CL", "UA", "IRA", "CRA", "FID", "retain_acc",
+                    *(f"{kind}_{g}" for g in DISTANCE_GROUPS for kind in ("dist", "toward")))
+
+
+def curve_point(name: str) -> tuple[str, int] | None:
+    """'AR_MU_top1@400' -> ('AR_MU_top1', 400): an attack's curve figure at that step; None for
+    any other name."""
+    curve, at, step = name.partition("@")
+    if not at or curve not in CURVE_POINT_KEYS or not step.isdigit():
+        return None
+    return curve, int(step)
+
+
 def known_metrics() -> set[str]:
     names = {*EVALUATION_KEYS, *PAIRED_KEYS, *COST_KEYS, *SUMMARY_KEYS, *DISTANCE_KEYS, *RUN_KEYS}
     names |= {f"before.{k}" for k in EVALUATION_KEYS} | {f"after.{k}" for k in EVALUATION_KEYS}
@@ -53,6 +67,11 @@ def known_metrics() -> set[str]:
 
 
 def check_metric(name: str, where: str) -> str:
+    if "@" in name:
+        if curve_point(name) is None:
+            raise ConfigError(f"{where}: unknown metric '{name}': a point of the attack curve is NAME@STEP, NAME one "
+                              f"of {', '.join(CURVE_POINT_KEYS)}")
+        return name
     names = known_metrics()
     if name not in names:
         import difflib

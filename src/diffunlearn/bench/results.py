@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from diffunlearn.bench.claims import ClaimResult, evaluate_claims, interval
+from diffunlearn.bench.extract import curve_point
 from diffunlearn.bench.grid import DEFAULT_ROOT, expand
 from diffunlearn.bench.recipe import Recipe, load_recipe
 from diffunlearn.bench.store import Store
@@ -61,7 +62,29 @@ def results(recipe: str | Path | Recipe, root: str | Path = DEFAULT_ROOT, model:
         wide = pd.DataFrame(figures).pivot_table(index="node", columns="name", values="value", aggfunc="first")
         frame = frame.merge(wide.drop(columns=[c for c in wide.columns if c in INFO], errors="ignore"),
                             left_on="node", right_index=True, how="left")
+    points = sorted(m for m in _named_metrics(recipe) if curve_point(m))
+    if points:
+        frame = _with_curve_points(frame, store.curves(recipe.name, "attack"), points, complete)
     return frame.reset_index(drop=True)
+
+
+def _named_metrics(recipe: Recipe) -> set[str]:
+    claims = {m for c in recipe.claims for m in (c.metric, c.from_metric) if m}
+    return claims | set(recipe.leaderboard.erase) | set(recipe.leaderboard.attack)
+
+
+def _with_curve_points(frame: pd.DataFrame, curve_rows: list[dict], points: list[str], complete: set[str]):
+    """A column per `NAME@STEP`: each finished attack's curve figure at that step (empty where
+    the attack did not evaluate at that step)."""
+    import pandas as pd
+
+    curves = pd.DataFrame(curve_rows, columns=["node", "source", "step", "name", "value"])
+    curves = curves[curves["node"].isin(complete)]
+    for point in points:
+        name, step = curve_point(point)
+        at = curves[(curves["name"] == name) & (curves["step"] == step)].groupby("node")["value"].first()
+        frame[point] = frame["node"].map(at)
+    return frame
 
 
 def leaderboard(frame: pd.DataFrame, metrics: list[str], kind: str | None = None) -> pd.DataFrame:
