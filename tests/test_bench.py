@@ -90,6 +90,8 @@ BAD_RECIPES = {
                         "subject: {method: core}}]", "NAME@STEP"),
     "unknown curve figure": ("claims: [{id: c, paper: p, finding: f, metric: Total@400, kind: at_least, value: 1, "
                              "subject: {method: core}}]", "unknown metric 'Total@400'"),
+    "attack figure on erase runs": ("claims: [{id: c, paper: p, finding: f, metric: AR_DiMRA_top1, kind: at_least, "
+                                    "value: 1, subject: {method: core}}]", "selects erase runs; give its attack"),
     "unknown shared attack": ("groups: [{id: g, methods: [core], forget: [one], attacks: [relearn]}]",
                               "attack 'relearn' is not one of the recipe's attacks (none)"),
     "shared attack with its own overrides": (

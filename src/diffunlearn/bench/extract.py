@@ -59,6 +59,12 @@ def curve_point(name: str) -> tuple[str, int] | None:
     return curve, int(step)
 
 
+def attack_only(name: str) -> bool:
+    """A figure only attack runs have (AR_DiMRA, resurgence, a curve point, ...): a claim on it
+    must select attack runs."""
+    return curve_point(name) is not None or (name in SUMMARY_KEYS and name not in EVALUATION_KEYS)
+
+
 def known_metrics() -> set[str]:
     names = {*EVALUATION_KEYS, *PAIRED_KEYS, *COST_KEYS, *SUMMARY_KEYS, *DISTANCE_KEYS, *RUN_KEYS}
     names |= {f"before.{k}" for k in EVALUATION_KEYS} | {f"after.{k}" for k in EVALUATION_KEYS}

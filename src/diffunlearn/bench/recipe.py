@@ -301,7 +301,7 @@ class Recipe(StrictModel):
         return {"none"} | {a.id for g in self.groups for a in g.attacks}
 
     def _check_claim(self, claim: Claim) -> None:
-        from diffunlearn.bench.extract import check_metric
+        from diffunlearn.bench.extract import attack_only, check_metric
 
         for metric in (claim.metric, claim.from_metric):
             if metric is not None:
@@ -310,6 +310,10 @@ class Recipe(StrictModel):
             selection: Selection | None = getattr(claim, role)
             if selection is None:
                 continue
+            if selection.attack is None and attack_only(claim.metric):
+                # an unset attack selects erase runs, which never have this figure: every slice would be `no data`
+                raise ValueError(f"claim '{claim.id}': {claim.metric} is a figure of attack runs, but {role} selects "
+                                 "erase runs; give its attack (e.g. attack: [relearn-i, relearn-ii])")
             for column in SELECTION_COLUMNS:
                 for value in selection.values(column) or []:
                     if value not in self.labels(column):
