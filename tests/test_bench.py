@@ -16,7 +16,8 @@ from bench_helpers import FakeExecutor, tiny_recipe
 from typer.testing import CliRunner
 
 from diffunlearn.bench import expand, load_recipe, shipped_recipes
-from diffunlearn.bench.claims import FAILS, HOLDS, INCONCLUSIVE, NO_DATA, Interval, evaluate_claim, t_quantile
+from diffunlearn.bench.claims import (FAILS, HOLDS, INCONCLUSIVE, NO_DATA, Interval, evaluate_claim,
+                                      evaluate_claims, t_quantile)
 from diffunlearn.bench.costs import grid_minutes
 from diffunlearn.bench.grid import run_grid
 from diffunlearn.bench.recipe import Claim
@@ -46,6 +47,29 @@ def test_every_shipped_recipe_validates_expands_and_states_its_size(name, tmp_pa
             assert str(n.out).startswith(str(next(p.out for p in nodes if p.node == n.depends)))
     erase = [n for n in nodes if n.kind == "erase"]
     assert all(n.run_id and n.run_id in n.out.name for n in erase)  # the directory is derived from the run id
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_recipes() if load_recipe(n).claims])
+def test_every_claim_of_a_shipped_recipe_finds_its_runs(name, tmp_path):
+    """Every run of the recipe finished (a fake executor records each claim's figures on every
+    run, and each curve point at its step): no slice of any claim may say `no data`, which is
+    what a selection that picks no run (say, erase runs for an attack's figure, or a control
+    narrowed to a method it does not have) can only ever say."""
+    import diffunlearn
+    from diffunlearn.bench.extract import curve_point
+
+    recipe = load_recipe(name)
+    names = {m for c in recipe.claims for m in (c.metric, c.from_metric) if m}
+    figures = {m: 1.0 for m in names if not curve_point(m)} | {"AR_resolution": 1.0}
+    points = [curve_point(m) for m in names if curve_point(m)]
+    root = tmp_path / "root"
+    run_grid(expand(recipe, root), FakeExecutor(metrics=lambda spec: figures, curves=lambda spec: [
+        ["attack", step, curve, 1.0] for curve, step in points] if spec["kind"] == "attack" else []), root,
+        jobs=2, report=lambda line: None)
+    frame = diffunlearn.results(recipe, root)
+    for result in evaluate_claims(recipe, frame):
+        for part in result.slices:
+            assert part.verdict != NO_DATA, f"claim {result.claim.id} {part.key}: {part.numbers}"
 
 
 def test_bench_ls_and_expansion_without_torch():
