@@ -16,8 +16,16 @@ from bench_helpers import FakeExecutor, tiny_recipe
 from typer.testing import CliRunner
 
 from diffunlearn.bench import expand, load_recipe, shipped_recipes
-from diffunlearn.bench.claims import (FAILS, HOLDS, INCONCLUSIVE, NO_DATA, Interval, evaluate_claim,
-                                      evaluate_claims, t_quantile)
+from diffunlearn.bench.claims import (
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    NO_DATA,
+    Interval,
+    evaluate_claim,
+    evaluate_claims,
+    t_quantile,
+)
 from diffunlearn.bench.costs import grid_minutes
 from diffunlearn.bench.grid import run_grid
 from diffunlearn.bench.recipe import Claim
