@@ -49,6 +49,7 @@ def refresh_bench(recipe: str | Path | Recipe, root: str | Path = DEFAULT_ROOT, 
                   protocol: str = "fast", seeds: list[int] | None = None, groups: list[str] | None = None) -> int:
     """Re-read the figures of the recipe's finished runs from their directories into the store
     (after an upgrade changes what is read from a run); runs nothing. Returns the runs refreshed."""
+    from diffunlearn.bench.grid import finished_nodes
     from diffunlearn.bench.store import Store
     from diffunlearn.bench.worker import refresh_record
 
@@ -59,9 +60,7 @@ def refresh_bench(recipe: str | Path | Recipe, root: str | Path = DEFAULT_ROOT, 
         return 0
     store = Store(root / "results.sqlite")
     store.sync(root / recipe.name / "records")
-    complete = store.complete(recipe.name)
-    finished = [n for n in nodes if complete.get(n.node) == n.spec_hash]
-    return sum(refresh_record(n.spec(root, None, {})) for n in finished)
+    return sum(refresh_record(n.spec(root, None, {})) for n in finished_nodes(nodes, store))
 
 
 def results(recipe: str | Path | Recipe, root: str | Path = DEFAULT_ROOT, model: str | Path | None = None,

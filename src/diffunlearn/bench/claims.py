@@ -112,19 +112,22 @@ def above(a: Interval, b: Interval) -> str:
     return INCONCLUSIVE
 
 
-GENERATION_SHARES = ("AR_MU_", "AR_DiMRA_", "AR_final_", "forget_acc_", "resurgence")
+PROPORTIONS = ("AR_MU_", "AR_DiMRA_", "AR_final_", "forget_acc_")  # shares of one evaluation's generations
+GENERATION_SHARES = (*PROPORTIONS, "resurgence")  # and a difference of two such shares
+
+
+def _share(metric: str, prefixes: tuple[str, ...]) -> bool:
+    """A figure in generations (not the step at which one was reached)."""
+    return metric.startswith(prefixes) and not metric.endswith("_step")
 
 
 def resolution(rows: pd.DataFrame, metric: str) -> float | None:
     """The points one generation moves `metric` on these rows (the coarsest), or None for a
     figure that is not a share of the forget generations or rows that do not record it."""
-    if not metric.startswith(GENERATION_SHARES) or metric.endswith("_step") or "AR_resolution" not in rows:
+    if not _share(metric, GENERATION_SHARES) or "AR_resolution" not in rows:
         return None
     values = rows["AR_resolution"].dropna()
     return float(values.max()) if not values.empty else None
-
-
-PROPORTIONS = ("AR_MU_", "AR_DiMRA_", "AR_final_", "forget_acc_")  # shares of one evaluation's generations
 
 
 def wilson(successes: float, trials: float, z: float = 1.959964) -> tuple[float, float]:
@@ -141,7 +144,7 @@ def sampling_floor(rows: pd.DataFrame, metric: str, values: Interval) -> Interva
     generations behind it (each run's 100 / AR_resolution, pooled; rows that do not record
     their resolution get no floor), then cut to the shares' range [0, 100]. Any other figure
     unchanged."""
-    if not metric.startswith(PROPORTIONS) or metric.endswith("_step") or not values.known:
+    if not _share(metric, PROPORTIONS) or not values.known:
         return values
     picked = rows[rows[metric].notna()]
     if "AR_resolution" in picked and not picked["AR_resolution"].isna().any():

@@ -326,7 +326,7 @@ def git_hash() -> str | None:
 
 def critical_path_first(nodes: list[Node]) -> list[str]:
     """Node ids, the longest estimated chain (a node and the runs that wait for it) first, ties in
-    recipe order: a 40-minute retrain pretraining starts at once instead of after the short runs
+    recipe order: a retrain pretraining (about an hour) starts at once instead of after the short runs
     listed before it, so the grid does not end with one core idle behind it."""
     children: dict[str, list[Node]] = {}
     for n in nodes:
@@ -341,6 +341,13 @@ def critical_path_first(nodes: list[Node]) -> list[str]:
 
     order = {n.node: i for i, n in enumerate(nodes)}
     return [n.node for n in sorted(nodes, key=lambda n: (-length(n), order[n.node]))]
+
+
+def finished_nodes(nodes: list[Node], store) -> list[Node]:
+    """The nodes the store records as complete with their current spec (the same run directory,
+    overrides and concept set): what a rerun skips and `--refresh` re-reads."""
+    complete = store.complete(nodes[0].recipe) if nodes else {}
+    return [n for n in nodes if complete.get(n.node) == n.spec_hash]
 
 
 def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs: int = 1,
@@ -358,9 +365,8 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
     specs = {n.node: n.spec(root, threads, extra) for n in nodes}
     store.sync(root / nodes[0].recipe / "records")
     store.register([{k: v for k, v in s.items() if k not in ("overrides",)} for s in specs.values()])
-    complete = store.complete(nodes[0].recipe)
     by_id = {n.node: n for n in nodes}
-    skipped = [n.node for n in nodes if complete.get(n.node) == n.spec_hash]
+    skipped = [n.node for n in finished_nodes(nodes, store)]
     done: set[str] = set(skipped)
     failed: dict[str, int] = {}
     diverged: set[str] = set()

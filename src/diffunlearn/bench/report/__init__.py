@@ -183,7 +183,7 @@ def _figures(recipe: Recipe, frame, curves) -> list[dict[str, Any]]:
                    & curves["group"].isin(groups)].copy() if not curves.empty else curves
         if a.empty or a["group"].nunique() < 2:
             continue
-        a["label"] = [f"{r['group']}: {_method_label(r)}" for _, r in a.iterrows()]
+        a["label"] = [f"{r['group']}: {plots.config_label(r, attack=False)}" for _, r in a.iterrows()]
         add(f"{step}: AR over attack steps, every group",
             plots.curves(a, "forget", ["AR_MU_top1"], f"{step}: AR top-1 in every group that runs it",
                          "AR top-1 (%)"),
@@ -199,10 +199,6 @@ def _shared_attacks(recipe: Recipe) -> dict[str, list[str]]:
         for step in group.attacks:
             groups.setdefault(step.id, []).append(group.id)
     return {step: ids for step, ids in groups.items() if len(ids) > 1}
-
-
-def _method_label(row) -> str:
-    return str(row["method"]) + ("" if row.get("variant") in (None, "default") else f"/{row['variant']}")
 
 
 def _grids(frame) -> list[dict[str, Any]]:

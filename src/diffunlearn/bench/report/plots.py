@@ -37,13 +37,13 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def config_label(row) -> str:
+def config_label(row, attack: bool = True) -> str:
     """method[/variant][/attack]: one label per configuration of a board (a group's attacks on
-    the same erase run are configurations of their own)."""
+    the same erase run are configurations of their own); `attack=False` where one attack is shown."""
     parts = [str(row["method"])]
     if row.get("variant") not in (None, "default"):
         parts.append(str(row["variant"]))
-    if row.get("attack") not in (None, "none"):
+    if attack and row.get("attack") not in (None, "none"):
         parts.append(str(row["attack"]))
     return "/".join(parts)
 
