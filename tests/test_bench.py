@@ -350,6 +350,25 @@ def test_shares_of_generations_get_at_least_the_wilson_interval():
     assert evaluate_claim(claim, control).verdict == INCONCLUSIVE  # 0 of 22: up to 14.9% is possible
 
 
+def test_ua_and_erase_acc_are_shares_of_the_forget_generations_too():
+    """UA ([001]) and erase ACC ([003]) count the same full-forget-prompt generations as AR_MU, so
+    three seeds at UA 100 on 20 images each are 60 of 60: by the symmetry of Wilson's interval,
+    [100 - 6.017, 100] (0 of 60 is [0, 6.017], worked by hand above). UA_partial (other images)
+    and IRA (the retain grid) keep their t-interval."""
+    from diffunlearn.bench.claims import interval
+
+    rows = _frame([{"method": "core", "seed": s, "UA": 100.0, "UA_partial": 100.0, "IRA": 100.0, "erase_ACC": 0.0,
+                    "AR_resolution": 5.0} for s in range(3)])
+    ua = interval(rows, "UA")
+    assert (ua.lo, ua.hi) == (pytest.approx(93.983, abs=1e-3), 100.0)
+    assert interval(rows, "erase_ACC").hi == pytest.approx(6.017, abs=1e-3)
+    assert interval(rows, "UA_partial").lo == 100.0 and interval(rows, "IRA").lo == 100.0
+    # one generation's difference in UA (95 against 100 at 5 points each) is noise, a whole one is not
+    claim = _claim(metric="UA", kind="greater", subject={"method": "core"}, other={"method": "esd"})
+    esd = [{"method": "esd", "seed": s, "UA": 96.0, "AR_resolution": 5.0} for s in range(3)]
+    assert "(resolution 5 points)" in evaluate_claim(claim, _frame(rows.to_dict("records") + esd)).slices[0].numbers
+
+
 def test_per_method_judges_each_listed_method_apart():
     """`per: [method]` over a subject listing two methods gives each its own verdict on its own
     runs (they were pooled: n=6 for both); the other side, the original, stays the original."""

@@ -19,15 +19,16 @@ Claim kinds (`recipe.Claim`); a comparison of A over B, on the rows a selection 
 - `same`: a finding of no effect, tested as equivalence within a margin: the interval of the
   same per-seed change lies within [-value, value] (holds), wholly outside it (fails), or
   across its edge (inconclusive).
-A share of the forget generations (AR_*, forget accuracy, resurgence) moves in steps of its
-resolution, 100 / the forget images (`AR_resolution` of each run): a comparison of such
-figures whose means differ by less than one step is inconclusive whatever the intervals say (a
-difference inside one generation is noise), and its figures say the resolution. The interval
-of such a share (AR_MU, AR_DiMRA, AR_final, forget accuracy: not resurgence, a difference) is
-never narrower than the 95% Wilson score interval of the generations pooled over its runs:
-seeds that agree (three runs each seeing 1 of 22 generations) give a t-interval of width 0,
-though 3 of 66 generations cannot tell 4.5% from 10%; the figures say when the floor widened it.
-Such an interval is cut to [0, 100], where every share lies.
+A share of the forget generations (AR_*, forget accuracy, UA, erase ACC, resurgence) moves in
+steps of its resolution, 100 / the forget images (`AR_resolution` of each run): a comparison of
+such figures whose means differ by less than one step is inconclusive whatever the intervals say
+(a difference inside one generation is noise), and its figures say the resolution. The interval
+of such a share (all but resurgence, a difference) is never narrower than the 95% Wilson score
+interval of the generations pooled over its runs: seeds that agree (three runs each seeing 1 of
+22 generations) give a t-interval of width 0, though 3 of 66 generations cannot tell 4.5% from
+10%; the figures say when the floor widened it. Such an interval is cut to [0, 100], where every
+share lies. Shares of other generations (IRA, CRA: the retain grid, averaged over domains) get no
+floor: runs do not record their counts.
 `per` splits the claim into one verdict per value of those columns; the claim holds when
 every slice holds, fails when any slice fails, else is inconclusive. A slice without runs
 yet says `no data`. All rows a selection picks in a slice are pooled.
@@ -114,11 +115,14 @@ def above(a: Interval, b: Interval) -> str:
 
 PROPORTIONS = ("AR_MU_", "AR_DiMRA_", "AR_final_", "forget_acc_")  # shares of one evaluation's generations
 GENERATION_SHARES = (*PROPORTIONS, "resurgence")  # and a difference of two such shares
+# shares of the same full-forget-prompt generations under the papers' names: [001]'s UA (not UA_partial, whose
+# partial prompts are other images) and [003]'s erase ACC (AR_MU_top1)
+FORGET_SHARES = ("UA", "erase_ACC")
 
 
 def _share(metric: str, prefixes: tuple[str, ...]) -> bool:
-    """A figure in generations (not the step at which one was reached)."""
-    return metric.startswith(prefixes) and not metric.endswith("_step")
+    """A figure in generations of the full forget prompts (not the step at which one was reached)."""
+    return metric in FORGET_SHARES or (metric.startswith(prefixes) and not metric.endswith("_step"))
 
 
 def resolution(rows: pd.DataFrame, metric: str) -> float | None:
