@@ -457,6 +457,41 @@ def test_the_longest_chain_of_runs_starts_first(tmp_path, tiny_model_dir, tiny_e
                                   "g/default/core/dotted/s2"]
 
 
+def test_a_run_listed_twice_is_charged_to_the_node_that_starts_it(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    """Two nodes on one run directory: `expand` charges the first in recipe order (45 s) and the
+    other a start-up (8 s); when the run order starts the second first, it does the work, so it
+    carries the 45 s (the progress line had counted 8 s for a run that took 45)."""
+    from diffunlearn.bench.grid import charge_the_first_of_each_run
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1), methods=("core",))
+    by_id = {n.node: n for n in expand(load_recipe(path), tmp_path / "root")}
+    first, second = by_id["g/default/core/dotted/s0"], by_id["g/default/core/dotted/s1"]
+    second.out = first.out
+    first.est_seconds, second.est_seconds = 45.0, 8.0
+    charge_the_first_of_each_run(list(by_id.values()), [second.node, first.node])
+    assert (second.est_seconds, first.est_seconds) == (45.0, 8.0)
+
+
+def test_time_left_scales_the_estimates_by_the_speed_measured_so_far():
+    """Worked by hand: A (estimate 200 s) finished in 1000 s, so speed = (1000 + 600) / (200 + 600)
+    = 2 (600 s of estimate taken at face value). Pending C 50 and D 150: 400 s at that speed;
+    B (300 s) has run 100 s: 300 * 2 - 100 = 500 s left. Two jobs: max((400 + 500) / 2, 500) = 500;
+    one job: 900. Before anything finished, the estimates as they are: (50+150+300+200)/2 = 350."""
+    from types import SimpleNamespace
+
+    from diffunlearn.bench.grid import Progress
+
+    nodes = [SimpleNamespace(node=k, est_seconds=v) for k, v in (("A", 200), ("B", 300), ("C", 50), ("D", 150))]
+    fresh = Progress(nodes, set(), report=lambda line: None, jobs=2)
+    assert fresh.left_seconds({}, set(), now=0.0) == pytest.approx(350.0)
+    for jobs, expected in ((2, 500.0), (1, 900.0)):
+        progress = Progress(nodes, set(), report=lambda line: None, jobs=jobs)
+        progress.finished("A", 1000.0)
+        assert progress.speed() == pytest.approx(2.0)
+        assert progress.left_seconds({"B": 1000.0}, set(), now=1100.0) == pytest.approx(expected)
+    assert progress.left_seconds({"B": 1000.0}, {"C", "D"}, now=1100.0) == pytest.approx(500.0)  # blocked: none
+
+
 def test_runner_orders_dependencies_skips_finished_and_blocks_after_failures(tmp_path, tiny_model_dir,
                                                                               tiny_evaluator_dir):
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1))

@@ -36,6 +36,7 @@ ATTACK_SECTIONS = ("attack", "eval", "seed")
 EVALUATE_SECTIONS = ("eval",)
 DEFAULT_ROOT = Path("runs/bench")
 BUSY_RETRY_SECONDS = 30.0
+SPEED_PRIOR_SECONDS = 600.0  # the progress line trusts the estimates for their first ten minutes of work
 
 
 def sections_for(overrides: list[str], sections: tuple[str, ...]) -> list[str]:
@@ -343,6 +344,21 @@ def critical_path_first(nodes: list[Node]) -> list[str]:
     return [n.node for n in sorted(nodes, key=lambda n: (-length(n), order[n.node]))]
 
 
+def charge_the_first_of_each_run(nodes: list[Node], order: list[str]) -> None:
+    """Nodes that share a run directory (one run under two labels) cost one run: whichever starts
+    first does the work, the others find it done. `expand` charges the first in recipe order; the
+    run order may start another first (the longest chain), so the full estimate moves to it."""
+    by_id = {n.node: n for n in nodes}
+    sharing: dict[Path, list[Node]] = {}
+    for node_id in order:
+        sharing.setdefault(by_id[node_id].out, []).append(by_id[node_id])
+    for group in sharing.values():
+        if len(group) > 1:
+            costs = sorted((n.est_seconds for n in group), reverse=True)
+            for n, seconds in zip(group, costs, strict=True):
+                n.est_seconds = seconds
+
+
 def finished_nodes(nodes: list[Node], store) -> list[Node]:
     """The nodes the store records as complete with their current spec (the same run directory,
     overrides and concept set): what a rerun skips and `--refresh` re-reads."""
@@ -374,6 +390,7 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
     running: dict[str, float] = {}
     not_before: dict[str, float] = {}  # nodes another process is running: look again later
     waiting = critical_path_first([n for n in nodes if n.node not in done])
+    charge_the_first_of_each_run(nodes, waiting)
     progress = Progress(nodes, done, report, jobs)
     start = time.time()
     try:
@@ -393,10 +410,10 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
                     executor.submit(specs[node_id])
                     running[node_id] = time.time()
             for node_id, status in executor.poll(timeout=poll_seconds):
-                running.pop(node_id, None)
+                started = running.pop(node_id, time.time())
                 if status == "complete":
                     done.add(node_id)
-                    progress.finished(node_id)
+                    progress.finished(node_id, time.time() - started)
                 elif status == "busy":  # run elsewhere right now: come back to it later
                     waiting.append(node_id)
                     not_before[node_id] = time.time() + BUSY_RETRY_SECONDS
@@ -425,35 +442,44 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
 
 class Progress:
     """done / running / failed and the time left: the estimated seconds of the nodes left
-    (bench/costs.py), scaled by measured / estimated time of the nodes finished in this session."""
+    (bench/costs.py), scaled by this machine's measured / estimated seconds so far; a running
+    node counts what it has left, and the longest of those bounds the wait from below."""
 
     def __init__(self, nodes: list[Node], done: set[str], report: Callable[[str], None] | None, jobs: int = 1):
         self.estimates = {n.node: max(n.est_seconds, 1.0) for n in nodes}
         self.total, self.done, self.report, self.jobs = len(nodes), set(done), report, max(jobs, 1)
         self.skipped = len(done)
         self.finished_estimate = 0.0
+        self.finished_measured = 0.0
         self.failures = 0
-        self.start = time.time()
         self.last: tuple[int, ...] = ()
         self.live = report is None and sys.stderr.isatty()
 
-    def finished(self, node_id: str) -> None:
+    def finished(self, node_id: str, seconds: float) -> None:
         self.done.add(node_id)
         self.finished_estimate += self.estimates[node_id]
+        self.finished_measured += seconds
 
     def failed(self, node_id: str) -> None:
         self.failures += 1
 
-    def left_seconds(self, dead: set[str]) -> float:
-        remaining = sum(s for n, s in self.estimates.items() if n not in self.done and n not in dead)
-        if self.finished_estimate > 0:
-            return remaining * (time.time() - self.start) / self.finished_estimate
-        return remaining / self.jobs
+    def speed(self) -> float:
+        """Measured / estimated seconds of the nodes finished here, shrunk toward 1 by
+        SPEED_PRIOR_SECONDS of estimate, so one short node's start-up does not rescale the grid."""
+        return (self.finished_measured + SPEED_PRIOR_SECONDS) / (self.finished_estimate + SPEED_PRIOR_SECONDS)
+
+    def left_seconds(self, running: dict[str, float], dead: set[str], now: float | None = None) -> float:
+        now = time.time() if now is None else now
+        speed = self.speed()
+        pending = sum(s for n, s in self.estimates.items() if n not in self.done and n not in dead
+                      and n not in running)
+        ongoing = [max(self.estimates[n] * speed - (now - started), 0.0) for n, started in running.items()]
+        return max((pending * speed + sum(ongoing)) / self.jobs, max(ongoing, default=0.0))
 
     def line(self, running: dict[str, float], dead: set[str]) -> str:
         return (f"bench: {len(self.done)}/{self.total} done ({self.skipped} skipped), {len(running)} running, "
                 f"{self.failures} failed, {len(dead) - self.failures} blocked, "
-                f"~{self.left_seconds(dead) / 60:.0f} min left")
+                f"~{self.left_seconds(running, dead) / 60:.0f} min left")
 
     def show(self, running: dict[str, float], dead: set[str]) -> None:
         """A live line on a terminal; elsewhere one line each time a count changes."""
