@@ -476,7 +476,8 @@ def test_time_left_scales_the_estimates_by_the_speed_measured_so_far():
     """Worked by hand: A (estimate 200 s) finished in 1000 s, so speed = (1000 + 600) / (200 + 600)
     = 2 (600 s of estimate taken at face value). Pending C 50 and D 150: 400 s at that speed;
     B (300 s) has run 100 s: 300 * 2 - 100 = 500 s left. Two jobs: max((400 + 500) / 2, 500) = 500;
-    one job: 900. Before anything finished, the estimates as they are: (50+150+300+200)/2 = 350."""
+    one job: 900. Before anything finished, the estimates as they are: (50+150+300+200)/2 = 350.
+    A node done in under a fifth of its estimate found its work done and leaves the speed alone."""
     from types import SimpleNamespace
 
     from diffunlearn.bench.grid import Progress
@@ -490,6 +491,10 @@ def test_time_left_scales_the_estimates_by_the_speed_measured_so_far():
         assert progress.speed() == pytest.approx(2.0)
         assert progress.left_seconds({"B": 1000.0}, set(), now=1100.0) == pytest.approx(expected)
     assert progress.left_seconds({"B": 1000.0}, {"C", "D"}, now=1100.0) == pytest.approx(500.0)  # blocked: none
+    # a retrain whose pretraining was cached (estimate 3300 s, done in 30) found its work done: the speed stays 2
+    progress.estimates["R"] = 3300.0
+    progress.finished("R", 30.0)
+    assert progress.speed() == pytest.approx(2.0)
 
 
 def test_runner_orders_dependencies_skips_finished_and_blocks_after_failures(tmp_path, tiny_model_dir,
