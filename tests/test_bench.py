@@ -805,3 +805,24 @@ def test_attack_bars_keep_two_attacks_on_one_erase_run_apart():
     assert {plots.config_label(r) for _, r in board.iterrows()} == {"mace/in-domain", "mace/out-of-domain"}
     png = plots.bars(board, ["resurgence"], "erase-n")
     assert png is not None and png.startswith(b"\x89PNG")
+
+
+def test_each_band_of_a_curve_plot_has_its_line_colour(monkeypatch):
+    """Two configurations, each with a spread over seeds: the band from the lowest to the highest
+    seed is drawn in its own line's colour (matplotlib cycles fill colours apart from line
+    colours, so without it a band could take another line's colour)."""
+    import pandas as pd
+    from matplotlib.colors import to_rgba
+
+    from diffunlearn.bench.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or b"png")
+    rows = [{"label": label, "name": "AR_MU_top1", "forget": "dotted", "step": step, "value": base + seed * step / 100}
+            for label, base in (("original", 100.0), ("esd", 0.0), ("salun", 5.0))
+            for seed in range(3) for step in (0, 400, 800) if not (label == "original" and seed)]
+    assert plots.curves(pd.DataFrame(rows), "forget", ["AR_MU_top1"], "AR", "AR (%)") == b"png"
+    ax = figures[0].axes[0]
+    lines = {line.get_label(): to_rgba(line.get_color()) for line in ax.lines}
+    bands = [tuple(band.get_facecolor()[0][:3]) for band in ax.collections]
+    assert bands == [lines["esd"][:3], lines["salun"][:3]]  # the original has no spread, so no band

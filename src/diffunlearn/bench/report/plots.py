@@ -97,9 +97,9 @@ def curves(frame: pd.DataFrame, panels_by: str, names: list[str], title: str, yl
         for (label, name), lines in part.groupby(["label", "name"], sort=False):
             stats = lines.groupby("step")["value"].agg(["mean", "min", "max"]).sort_index()
             text = label if len(names) == 1 else f"{label}: {name}"
-            ax.plot(stats.index, stats["mean"], label=text, linewidth=1.2)
-            if (stats["max"] > stats["min"]).any():
-                ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15)
+            (line,) = ax.plot(stats.index, stats["mean"], label=text, linewidth=1.2)
+            if (stats["max"] > stats["min"]).any():  # in the line's colour: fills cycle colours apart from lines
+                ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15, color=line.get_color())
         ax.set_title(str(key), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
