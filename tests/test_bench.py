@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from bench_helpers import FakeExecutor, tiny_recipe
+from bench_helpers import FakeExecutor, fake_record, tiny_recipe
 from typer.testing import CliRunner
 
 from diffunlearn.bench import expand, load_recipe, shipped_recipes
@@ -495,6 +495,32 @@ def test_time_left_scales_the_estimates_by_the_speed_measured_so_far():
     progress.estimates["R"] = 3300.0
     progress.finished("R", 30.0)
     assert progress.speed() == pytest.approx(2.0)
+
+
+def test_an_attack_recorded_under_another_profile_is_never_taken_for_done(tmp_path, tiny_model_dir,
+                                                                         tiny_evaluator_dir):
+    """An attack's run directory is keyed by its overrides, so a changed testbed profile (here:
+    the recorded run made 400 steps, the attack now resolves to its current steps) would be
+    skipped as finished with the old run's figures. The runner refuses with one line naming the
+    node and the changed keys, and runs nothing."""
+    from diffunlearn.bench.worker import _save_record
+    from diffunlearn.config import ConfigError
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0,))
+    recipe, root = load_recipe(path), tmp_path / "root"
+    nodes = expand(recipe, root)
+    run_grid(nodes, FakeExecutor(), root, jobs=1, report=lambda line: None)
+    attack = next(n for n in nodes if n.kind == "attack")
+    assert attack.attack_config["steps"] != 400
+    run_grid(expand(recipe, root), FakeExecutor(), root, jobs=1, report=lambda line: None)  # as recorded: fine
+    spec = attack.spec(root, 1, {})
+    record = fake_record(spec, {"UA": 50.0}) | {"config": {"attack": {**attack.attack_config, "steps": 400}}}
+    _save_record(spec, record)
+    Store(root / "results.sqlite").record(record)
+    again = FakeExecutor()
+    with pytest.raises(ConfigError, match=f"{attack.node}: steps 400 -> {attack.attack_config['steps']}"):
+        run_grid(expand(recipe, root), again, root, jobs=1, report=lambda line: None)
+    assert again.submitted == []
 
 
 def test_runner_orders_dependencies_skips_finished_and_blocks_after_failures(tmp_path, tiny_model_dir,

@@ -87,6 +87,9 @@ class Node:
     est_seconds: float = 0.0
     registered: str | None = None  # the registered method behind the label `method`
     task_options: dict[str, str] = field(default_factory=dict)  # the recipe's concept set (TaskKeys)
+    # an attack's resolved `attack` section (its profile with the overrides): its run key hashes the overrides
+    # only, so this is what tells a recorded run made under another profile (`stale_attacks`)
+    attack_config: dict[str, Any] | None = None
 
     @property
     def spec_hash(self) -> str:
@@ -182,7 +185,7 @@ class _Context:
     costs: Any
     task_options: dict[str, str]
     concept_sets: dict[str, Any] = field(default_factory=dict)  # per forget set: its resolved concept set
-    checked_attacks: set[str] = field(default_factory=set)
+    checked_attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _check_forget_set(recipe: Recipe, name: str, model_dir: Path, meta: dict, task_options: dict[str, str]):
@@ -261,8 +264,8 @@ def _attacks(ctx: _Context, group: Group, parent: Node, seed: int, attack_forget
         if step.variants is not None and parent.variant not in step.variants:
             continue
         overrides = [*sections_for(ctx.base, ATTACK_SECTIONS), *step.overrides, f"seed={seed}"]
-        _check_attack(ctx, step.attack, overrides, parent.concepts,
-                      f"recipe {ctx.recipe.name}, group {group.id}, attack {step.id}")
+        attack_config = _check_attack(ctx, step.attack, overrides, parent.concepts,
+                                      f"recipe {ctx.recipe.name}, group {group.id}, attack {step.id}")
         identity: dict[str, Any] = {"parent": parent.run_id, "attack": step.attack, "overrides": overrides,
                                     "forget": attack_forget}
         if ctx.task_options:
@@ -275,7 +278,7 @@ def _attacks(ctx: _Context, group: Group, parent: Node, seed: int, attack_forget
                         attack_model=str(parent.out.resolve()) if parent.kind == "erase" else attack_model,
                         attack_forget=attack_forget, est_seconds=ctx.costs.attack_seconds(
                             step.attack, overrides, ctx.concept_sets[parent.forget], list(parent.concepts)),
-                        task_options=dict(ctx.task_options)))
+                        task_options=dict(ctx.task_options), attack_config=attack_config))
     return out
 
 
@@ -286,13 +289,32 @@ def _check_attack(ctx: _Context, name: str, overrides: list[str], concepts: list
     from diffunlearn.runs.resolve import resolve_attack
 
     key = repr((name, [o for o in overrides if not o.startswith("seed=")], concepts))
-    if key in ctx.checked_attacks:
-        return
-    try:
-        resolve_attack(name, ctx.model_dir, list(concepts), overrides=overrides, task_options=ctx.task_options)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    ctx.checked_attacks.add(key)
+    if key not in ctx.checked_attacks:
+        try:
+            resolved = resolve_attack(name, ctx.model_dir, list(concepts), overrides=overrides,
+                                      task_options=ctx.task_options)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        ctx.checked_attacks[key] = resolved.attack_config.model_dump(mode="json")
+    return ctx.checked_attacks[key]
+
+
+def stale_attacks(nodes: list[Node], store) -> list[str]:
+    """Finished attack nodes whose recorded `attack` section differs from what the attack resolves
+    to now (a changed testbed profile): '<node>: steps 400 -> 800', one line each."""
+    import json
+
+    recorded = {r["node"]: r.get("config") for r in store.runs(nodes[0].recipe)} if nodes else {}
+    stale = []
+    for n in nodes:
+        if n.kind != "attack" or not n.attack_config or not recorded.get(n.node):
+            continue
+        before = json.loads(recorded[n.node]).get("attack") or {}
+        changed = [f"{k} {before[k]} -> {v}" for k, v in n.attack_config.items() if k in before and before[k] != v
+                   and k != "seed"]
+        if changed:
+            stale.append(f"{n.node}: {', '.join(changed)}")
+    return stale
 
 
 # ---- running -----------------------------------------------------------------------------------
@@ -385,7 +407,13 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
     store.sync(root / nodes[0].recipe / "records")
     store.register([{k: v for k, v in s.items() if k not in ("overrides",)} for s in specs.values()])
     by_id = {n.node: n for n in nodes}
-    skipped = [n.node for n in finished_nodes(nodes, store)]
+    finished = finished_nodes(nodes, store)
+    stale = stale_attacks(finished, store)
+    if stale:
+        raise ConfigError(f"bench: {len(stale)} recorded attack run(s) resolve differently now (a changed profile), "
+                          f"and an attack's run directory is keyed by its overrides alone: {stale[0]}; move "
+                          f"{by_id[stale[0].split(': ')[0]].out} away to rerun it, or pin the old value in the recipe")
+    skipped = [n.node for n in finished]
     done: set[str] = set(skipped)
     failed: dict[str, int] = {}
     diverged: set[str] = set()
