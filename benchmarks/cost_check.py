@@ -5,8 +5,8 @@ and each recipe's stated duration. This prints, for every recipe the store holds
 finished with their current spec grouped by kind (an erase per method, an attack per attack and
 its step count), their measured seconds against the estimate of the same node, and the ratio:
 the evidence for re-fitting the constants. A `retrain` erase that found its pretraining cached
-finishes in seconds against an hour's estimate: such runs (under a fifth of their estimate) are
-listed apart, as the runner's progress line leaves them out of its speed.
+finishes in seconds against an hour's estimate: such runs (under `FOUND_DONE_FRACTION` of their
+estimate) are listed apart, as the runner's progress line leaves them out of its speed.
 
     python benchmarks/cost_check.py --root runs/bench
     python benchmarks/cost_check.py --root runs/bench --recipes organism,profiles
@@ -40,6 +40,7 @@ def rows_of(recipe: str, root: Path) -> list[dict]:
 
 def main() -> None:
     from diffunlearn.bench import shipped_recipes
+    from diffunlearn.bench.grid import FOUND_DONE_FRACTION
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/bench", help="the results folder of `diffunlearn bench`")
@@ -52,14 +53,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        found_done = r["measured"] < 0.2 * r["estimated"]
+        found_done = r["measured"] < FOUND_DONE_FRACTION * r["estimated"]
         groups.setdefault((r["recipe"], r["label"] + (" (found done)" if found_done else "")), []).append(r)
     for (recipe, label), group in sorted(groups.items()):
         measured = statistics.median(r["measured"] for r in group)
         estimated = statistics.median(r["estimated"] for r in group)
         ratio = sum(r["measured"] for r in group) / sum(r["estimated"] for r in group)
         print(f"| {recipe} | {label} | {len(group)} | {measured:.0f} | {estimated:.0f} | {ratio:.2f} |")
-    timed = [r for r in rows if r["measured"] >= 0.2 * r["estimated"]]
+    timed = [r for r in rows if r["measured"] >= FOUND_DONE_FRACTION * r["estimated"]]
     if timed:
         total = sum(r["measured"] for r in timed) / sum(r["estimated"] for r in timed)
         print(f"\nall runs but those that found their work done: measured / estimated = {total:.2f}")

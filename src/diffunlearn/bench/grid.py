@@ -299,21 +299,20 @@ def _check_attack(ctx: _Context, name: str, overrides: list[str], concepts: list
     return ctx.checked_attacks[key]
 
 
-def stale_attacks(nodes: list[Node], store) -> list[str]:
+def stale_attacks(nodes: list[Node], store) -> dict[str, list[str]]:
     """Finished attack nodes whose recorded `attack` section differs from what the attack resolves
-    to now (a changed testbed profile): '<node>: steps 400 -> 800', one line each."""
+    to now (a changed testbed profile): node -> its changed keys, each as 'steps 400 -> 800'."""
     import json
 
     recorded = {r["node"]: r.get("config") for r in store.runs(nodes[0].recipe)} if nodes else {}
-    stale = []
+    stale = {}
     for n in nodes:
         if n.kind != "attack" or not n.attack_config or not recorded.get(n.node):
             continue
         before = json.loads(recorded[n.node]).get("attack") or {}
-        changed = [f"{k} {before[k]} -> {v}" for k, v in n.attack_config.items() if k in before and before[k] != v
-                   and k != "seed"]
+        changed = [f"{k} {before[k]} -> {v}" for k, v in n.attack_config.items() if k in before and before[k] != v]
         if changed:
-            stale.append(f"{n.node}: {', '.join(changed)}")
+            stale[n.node] = changed
     return stale
 
 
@@ -410,9 +409,11 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
     finished = finished_nodes(nodes, store)
     stale = stale_attacks(finished, store)
     if stale:
+        node, changed = next(iter(stale.items()))
         raise ConfigError(f"bench: {len(stale)} recorded attack run(s) resolve differently now (a changed profile), "
-                          f"and an attack's run directory is keyed by its overrides alone: {stale[0]}; move "
-                          f"{by_id[stale[0].split(': ')[0]].out} away to rerun it, or pin the old value in the recipe")
+                          f"and an attack's run directory is keyed by its overrides alone: {node}: "
+                          f"{', '.join(changed)}; move {by_id[node].out} away to rerun it, or pin the old value in "
+                          "the recipe")
     skipped = [n.node for n in finished]
     done: set[str] = set(skipped)
     failed: dict[str, int] = {}
