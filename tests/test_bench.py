@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from bench_helpers import FakeExecutor, fake_record, tiny_recipe
+from bench_helpers import FakeExecutor, tiny_recipe
 from typer.testing import CliRunner
 
 from diffunlearn.bench import expand, load_recipe, shipped_recipes
@@ -497,30 +497,64 @@ def test_time_left_scales_the_estimates_by_the_speed_measured_so_far():
     assert progress.speed() == pytest.approx(2.0)
 
 
-def test_an_attack_recorded_under_another_profile_is_never_taken_for_done(tmp_path, tiny_model_dir,
-                                                                         tiny_evaluator_dir):
-    """An attack's run directory is keyed by its overrides, so a changed testbed profile (here:
-    the recorded run made 400 steps, the attack now resolves to its current steps) would be
-    skipped as finished with the old run's figures. The runner refuses with one line naming the
-    node and the changed keys, and runs nothing."""
-    from diffunlearn.bench.worker import _save_record
-    from diffunlearn.config import ConfigError
+def test_an_attack_run_is_keyed_on_its_resolved_profile(tmp_path, tiny_model_dir, tiny_evaluator_dir,
+                                                       monkeypatch):
+    """A changed testbed profile (the overrides unchanged) gives the attack a new run directory,
+    so the runner runs it again rather than taking the run made under the old profile for done;
+    the erase run it attacks stays done."""
+    from diffunlearn.attacks.relearn import Relearn
 
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0,))
     recipe, root = load_recipe(path), tmp_path / "root"
+    before = expand(recipe, root)
+    run_grid(before, FakeExecutor(), root, jobs=1, report=lambda line: None)
+    attack = next(n for n in before if n.kind == "attack")
+    profile = next(p for p in ("testbed", "paper") if Relearn.profiles[p]["lr"] == attack.attack_config["lr"])
+    monkeypatch.setitem(Relearn.profiles, profile, {**Relearn.profiles[profile], "lr": attack.attack_config["lr"] / 2})
+    after = expand(recipe, root)
+    moved = next(n for n in after if n.kind == "attack")
+    assert moved.attack_config["lr"] == attack.attack_config["lr"] / 2
+    assert moved.out != attack.out and moved.out.parent == attack.out.parent
+    assert moved.overrides_keyed_out == attack.overrides_keyed_out  # the overrides alone did not change
+    again = FakeExecutor()
+    run_grid(after, again, root, jobs=1, report=lambda line: None)
+    assert again.submitted == [attack.node]
+
+
+def test_attack_runs_keyed_on_their_overrides_are_adopted_when_their_config_still_holds(
+        tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    """Attack runs recorded when keys hashed the overrides alone move to today's directory, and
+    count as done, when the `attack` section they recorded is what the attack resolves to now;
+    one made under another profile (400 steps) stays where it was and runs again."""
+    import json
+
+    from diffunlearn.bench.worker import record_path
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1))
+    recipe, root = load_recipe(path), tmp_path / "root"
     nodes = expand(recipe, root)
     run_grid(nodes, FakeExecutor(), root, jobs=1, report=lambda line: None)
-    attack = next(n for n in nodes if n.kind == "attack")
-    assert attack.attack_config["steps"] != 400
-    run_grid(expand(recipe, root), FakeExecutor(), root, jobs=1, report=lambda line: None)  # as recorded: fine
-    spec = attack.spec(root, 1, {})
-    record = fake_record(spec, {"UA": 50.0}) | {"config": {"attack": {**attack.attack_config, "steps": 400}}}
-    _save_record(spec, record)
-    Store(root / "results.sqlite").record(record)
+    attacks = [n for n in nodes if n.kind == "attack"]
+    assert len(attacks) == 2 and all(n.overrides_keyed_out != n.out for n in attacks)
+    kept, stale = attacks
+    for node, steps in ((kept, node_steps := kept.attack_config["steps"]), (stale, 400)):
+        assert node_steps != 400
+        node.overrides_keyed_out.mkdir(parents=True)
+        (node.overrides_keyed_out / "config.yaml").write_text(json.dumps({"attack": {**node.attack_config,
+                                                                                    "steps": steps}}))
+        spec = node.spec(root, 1, {})
+        record = json.loads(record_path(spec).read_text())
+        record_path(spec).write_text(json.dumps(record | {"out": str(node.overrides_keyed_out.resolve()),
+                                                          "spec": "keyed-on-overrides"}))
+    Store(root / "results.sqlite").mark(recipe.name, kept.node, "pending")  # the store reads the records again
     again = FakeExecutor()
-    with pytest.raises(ConfigError, match=f"{attack.node}: steps 400 -> {attack.attack_config['steps']}"):
-        run_grid(expand(recipe, root), again, root, jobs=1, report=lambda line: None)
-    assert again.submitted == []
+    result = run_grid(expand(recipe, root), again, root, jobs=1, report=lambda line: None)
+    assert again.submitted == [stale.node]
+    assert kept.node in result.skipped
+    assert (kept.out / "config.yaml").is_file() and not kept.overrides_keyed_out.exists()
+    assert (stale.overrides_keyed_out / "config.yaml").is_file() and not stale.out.exists()
+    rows = {r["node"]: r for r in Store(root / "results.sqlite").runs(recipe.name)}
+    assert rows[kept.node]["out"] == str(kept.out.resolve()) and rows[kept.node]["spec"] == kept.spec_hash
 
 
 def test_runner_orders_dependencies_skips_finished_and_blocks_after_failures(tmp_path, tiny_model_dir,

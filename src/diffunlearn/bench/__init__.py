@@ -49,8 +49,7 @@ def refresh_bench(recipe: str | Path | Recipe, root: str | Path = DEFAULT_ROOT, 
                   protocol: str = "fast", seeds: list[int] | None = None, groups: list[str] | None = None) -> int:
     """Re-read the figures of the recipe's finished runs from their directories into the store
     (after an upgrade changes what is read from a run); runs nothing. Returns the runs refreshed."""
-    from diffunlearn.bench.grid import finished_nodes
-    from diffunlearn.bench.store import Store
+    from diffunlearn.bench.grid import finished_nodes, sync_store
     from diffunlearn.bench.worker import refresh_record
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -58,8 +57,7 @@ def refresh_bench(recipe: str | Path | Recipe, root: str | Path = DEFAULT_ROOT, 
     nodes = expand(recipe, root, model=model, protocol=protocol, seeds=seeds, groups=groups)
     if not nodes:
         return 0
-    store = Store(root / "results.sqlite")
-    store.sync(root / recipe.name / "records")
+    store = sync_store(root, recipe.name, nodes)
     return sum(refresh_record(n.spec(root, None, {})) for n in finished_nodes(nodes, store))
 
 

@@ -6,8 +6,9 @@ node per forget set for the `original` control (seedless: its evaluation is dete
 and one attack node per attack step on each of them, which depends on its erase node.
 Node ids are labels (`group/variant/method/forget/s<seed>[/attack]`); run directories are
 derived from the recipe and the run id (`<root>/<recipe>/runs/<method>-<run id>`, attacks in
-`<erase run>/attacks/<attack>-<key>`), so two nodes with the same resolved config share one
-directory and run it once (the worker's lock serialises them; the second finds it done).
+`<erase run>/attacks/<attack>-<key>`, the key hashing the attack's resolved `attack` section, so a
+changed testbed profile gives new directories), so two nodes with the same resolved config share
+one directory and run it once (the worker's lock serialises them; the second finds it done).
 
 The runner registers the nodes in the store, skips those recorded complete with the same
 spec, and hands ready nodes (dependencies done) to an executor (`bench/executors.py`) at most
@@ -87,9 +88,10 @@ class Node:
     est_seconds: float = 0.0
     registered: str | None = None  # the registered method behind the label `method`
     task_options: dict[str, str] = field(default_factory=dict)  # the recipe's concept set (TaskKeys)
-    # an attack's resolved `attack` section (its profile with the overrides): its run key hashes the overrides
-    # only, so this is what tells a recorded run made under another profile (`stale_attacks`)
+    # an attack's resolved `attack` section (its profile with the overrides), which its run key hashes
     attack_config: dict[str, Any] | None = None
+    # where the attack ran when keys hashed its overrides alone (`adopt_overrides_keyed_attacks`)
+    overrides_keyed_out: Path | None = None
 
     @property
     def spec_hash(self) -> str:
@@ -266,19 +268,26 @@ def _attacks(ctx: _Context, group: Group, parent: Node, seed: int, attack_forget
         overrides = [*sections_for(ctx.base, ATTACK_SECTIONS), *step.overrides, f"seed={seed}"]
         attack_config = _check_attack(ctx, step.attack, overrides, parent.concepts,
                                       f"recipe {ctx.recipe.name}, group {group.id}, attack {step.id}")
-        identity: dict[str, Any] = {"parent": parent.run_id, "attack": step.attack, "overrides": overrides,
+        # the key hashes the resolved `attack` section (a changed profile is a new run), then what else the
+        # run reads from its overrides (eval.*, seed)
+        identity: dict[str, Any] = {"parent": parent.run_id, "attack": step.attack, "config": attack_config,
+                                    "overrides": [o for o in overrides if not o.startswith("attack.")],
                                     "forget": attack_forget}
+        overrides_keyed: dict[str, Any] = {"parent": parent.run_id, "attack": step.attack, "overrides": overrides,
+                                           "forget": attack_forget}
         if ctx.task_options:
-            identity["task"] = ctx.task_options
+            identity["task"] = overrides_keyed["task"] = ctx.task_options
         key = config_hash(identity)
+        attacks_dir = parent.out / "attacks"
         node_id = f"{parent.node}/{step.id}" if parent.seed is not None else f"{parent.node}/s{seed}/{step.id}"
         out.append(Node(ctx.recipe.name, node_id, "attack", group.id, parent.variant, parent.method, parent.forget,
-                        parent.concepts, seed, overrides, parent.out / "attacks" / f"{step.attack}-{key}",
+                        parent.concepts, seed, overrides, attacks_dir / f"{step.attack}-{key}",
                         parent.model, attack=step.id, attack_name=step.attack, depends=parent.node,
                         attack_model=str(parent.out.resolve()) if parent.kind == "erase" else attack_model,
                         attack_forget=attack_forget, est_seconds=ctx.costs.attack_seconds(
                             step.attack, overrides, ctx.concept_sets[parent.forget], list(parent.concepts)),
-                        task_options=dict(ctx.task_options), attack_config=attack_config))
+                        task_options=dict(ctx.task_options), attack_config=attack_config,
+                        overrides_keyed_out=attacks_dir / f"{step.attack}-{config_hash(overrides_keyed)}"))
     return out
 
 
@@ -299,21 +308,61 @@ def _check_attack(ctx: _Context, name: str, overrides: list[str], concepts: list
     return ctx.checked_attacks[key]
 
 
-def stale_attacks(nodes: list[Node], store) -> dict[str, list[str]]:
-    """Finished attack nodes whose recorded `attack` section differs from what the attack resolves
-    to now (a changed testbed profile): node -> its changed keys, each as 'steps 400 -> 800'."""
-    import json
+def changed_keys(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys of a resolved section that differ from a recorded one, each as 'steps 400 -> 800'
+    (keys the recorded one lacks are ones added since, at their defaults)."""
+    return [f"{k} {recorded[k]} -> {v}" for k, v in now.items() if k in recorded and recorded[k] != v]
 
-    recorded = {r["node"]: r.get("config") for r in store.runs(nodes[0].recipe)} if nodes else {}
-    stale = {}
+
+def adopt_overrides_keyed_attacks(nodes: list[Node], root: str | Path) -> list[str]:
+    """Move attack runs made when attack keys hashed the overrides alone to their directory under
+    today's key (which hashes the resolved `attack` section), when the `attack` section the run
+    recorded equals what the attack resolves to now, and point their record files there (the store
+    imports them at its next sync). A run made under another profile stays where it is, and its
+    node runs again. Returns the nodes adopted."""
+    from diffunlearn.bench.worker import NodeBusy, _save_record, node_lock, record_path
+    from diffunlearn.config import load_yaml
+
+    adopted = []
     for n in nodes:
-        if n.kind != "attack" or not n.attack_config or not recorded.get(n.node):
+        old, new = n.overrides_keyed_out, n.out
+        if n.kind != "attack" or old is None or old == new:
             continue
-        before = json.loads(recorded[n.node]).get("attack") or {}
-        changed = [f"{k} {before[k]} -> {v}" for k, v in n.attack_config.items() if k in before and before[k] != v]
-        if changed:
-            stale[n.node] = changed
-    return stale
+        if not new.exists() and (old / "config.yaml").is_file():
+            try:
+                recorded = load_yaml(old / "config.yaml").get("attack") or {}
+            except ConfigError:
+                continue
+            if changed_keys(recorded, n.attack_config or {}):
+                continue
+            try:
+                with node_lock(old):
+                    old.rename(new)
+                    old.with_name(old.name + ".lock").unlink()  # no run uses the old key any more
+            except NodeBusy:
+                continue
+        path = record_path({"records": str(Path(root) / n.recipe / "records"), "node": n.node})
+        if old.exists() or not new.is_dir() or not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        if record.get("out") == str(old.resolve()):
+            _save_record({"records": str(path.parent), "node": n.node},
+                         record | {"out": str(new.resolve()), "spec": n.spec_hash})
+            adopted.append(n.node)
+    return adopted
+
+
+def sync_store(root: str | Path, recipe: str, nodes: list[Node] | None = None):
+    """The results store under `root` with the recipe's record files imported (and, given the
+    recipe's nodes, its attack runs keyed the old way adopted first)."""
+    from diffunlearn.bench.store import Store
+
+    root = Path(root)
+    store = Store(root / "results.sqlite")
+    if nodes:
+        adopt_overrides_keyed_attacks(nodes, root)
+    store.sync(root / recipe / "records")
+    return store
 
 
 # ---- running -----------------------------------------------------------------------------------
@@ -394,26 +443,17 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
              threads: int | None = None, retries: int = 1, report: Callable[[str], None] | None = None,
              poll_seconds: float = 0.5) -> GridResult:
     """Run `nodes` (from `expand`) with `executor`; return what was done, skipped, failed, blocked."""
-    from diffunlearn.bench.store import Store
     from diffunlearn.runs.resolve import package_versions
 
     root = Path(root)
     if not nodes:
         return GridResult([], [], [], [], 0.0)
-    store = Store(root / "results.sqlite")
+    store = sync_store(root, nodes[0].recipe, nodes)
     extra = {"git": git_hash(), "versions": package_versions()}
     specs = {n.node: n.spec(root, threads, extra) for n in nodes}
-    store.sync(root / nodes[0].recipe / "records")
     store.register([{k: v for k, v in s.items() if k not in ("overrides",)} for s in specs.values()])
     by_id = {n.node: n for n in nodes}
     finished = finished_nodes(nodes, store)
-    stale = stale_attacks(finished, store)
-    if stale:
-        node, changed = next(iter(stale.items()))
-        raise ConfigError(f"bench: {len(stale)} recorded attack run(s) resolve differently now (a changed profile), "
-                          f"and an attack's run directory is keyed by its overrides alone: {node}: "
-                          f"{', '.join(changed)}; move {by_id[node].out} away to rerun it, or pin the old value in "
-                          "the recipe")
     skipped = [n.node for n in finished]
     done: set[str] = set(skipped)
     failed: dict[str, int] = {}

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 from diffunlearn.bench.claims import ClaimResult, evaluate_claims, interval
 from diffunlearn.bench.extract import curve_point
-from diffunlearn.bench.grid import DEFAULT_ROOT, expand
+from diffunlearn.bench.grid import DEFAULT_ROOT, expand, sync_store
 from diffunlearn.bench.recipe import Recipe, load_recipe
-from diffunlearn.bench.store import Store
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,11 +33,10 @@ def results(recipe: str | Path | Recipe, root: str | Path = DEFAULT_ROOT, model:
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     root = Path(root)
-    store = Store(root / "results.sqlite")
-    store.sync(root / recipe.name / "records")
+    nodes = expand(recipe, root, model=model, protocol=protocol) if current else []
+    store = sync_store(root, recipe.name, nodes)
     rows = {r["node"]: r for r in store.runs(recipe.name)}
     if current:
-        nodes = expand(recipe, root, model=model, protocol=protocol)
         frame_rows = []
         for n in nodes:
             row = rows.get(n.node)
