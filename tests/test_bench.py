@@ -886,3 +886,20 @@ def test_each_band_of_a_curve_plot_has_its_line_colour(monkeypatch):
     lines = {line.get_label(): to_rgba(line.get_color()) for line in ax.lines}
     bands = [tuple(band.get_facecolor()[0][:3]) for band in ax.collections]
     assert bands == [lines["esd"][:3], lines["salun"][:3]]  # the original has no spread, so no band
+
+
+def test_an_attack_costs_its_steps_and_its_evaluations_at_the_attack_rate():
+    """costs.yaml (fitted 2026-12-07): start-up 8 s, a relearn step 0.06 s, an evaluation during an
+    attack 21 s per 228 images, all times 1.4 beside a second job. DiMRA for 800 steps evaluated
+    every 400 (steps 0, 400, 800) on `dotted` with 10 images per forget prompt and 1 per retain
+    prompt (100 + 8 partial + 100 retain = 208 images): 1.4 * (8 + 800 * 0.06 + 3 * 21 * 208 / 228)
+    = 158.9 s, against organism's measured median of 153 s for these runs."""
+    from diffunlearn.bench.costs import Costs
+    from diffunlearn.data.concepts import ConceptSet
+
+    seconds = Costs.load().attack_seconds(
+        "relearn", ["attack.steps=800", "attack.eval_every=400", "eval.forget_images_per_prompt=10",
+                    "eval.images_per_prompt=1", "eval.partial_images=8", "seed=0"],
+        ConceptSet.builtin("canvas"), ["dotted"])
+    assert seconds == pytest.approx(1.4 * (8 + 800 * 0.06 + 3 * 21 * 208 / 228), rel=1e-9)
+    assert seconds == pytest.approx(158.9, abs=0.1)

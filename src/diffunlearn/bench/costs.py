@@ -5,8 +5,9 @@ An erase run costs its start-up (imports, model load), its training (the method'
 table, scaled by the run's resolved steps over the profile's), one evaluation after, and one
 before per forget set and evaluation protocol (cached: only the first run pays it). An attack
 costs its start-up, its steps and one evaluation every `eval_every` steps plus the one at step
-0. The estimates feed the progress display's time left and the recipes' `estimate` block
-(tests/test_bench_recipes.py checks that each recipe states what this model computes).
+0, each at the attack's own (measured) cost of an evaluation. The estimates feed the progress
+display's time left and the recipes' `estimate` block (tests/test_bench.py checks that each
+recipe states what this model computes).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Costs:
     train_seconds: dict[str, float]
     train_steps: dict[str, int]
     attack_step_seconds: dict[str, float]
+    attack_evaluation: float
     retrain_seconds: float
     default_seconds: float
     seen_before: set[str] = field(default_factory=set)
@@ -42,12 +44,15 @@ class Costs:
                    images_reference=data["evaluation_images"], parallel_slowdown=data["parallel_slowdown"],
                    train_seconds={m: v["train_seconds"] for m, v in methods.items()},
                    train_steps={m: v["steps"] for m, v in methods.items()},
-                   attack_step_seconds=data["attack_step_seconds"], retrain_seconds=data["retrain_seconds"],
+                   attack_step_seconds=data["attack_step_seconds"],
+                   attack_evaluation=data["attack_evaluation_seconds"], retrain_seconds=data["retrain_seconds"],
                    default_seconds=data["default_train_seconds"])
 
-    def _evaluation(self, eval_cfg, concept_set, forget: list[str]) -> float:
-        """One evaluation: proportional to its image count (the protocol's plan on the concept set)."""
-        return self.evaluation * evaluation_images(concept_set, forget, eval_cfg) / self.images_reference
+    def _evaluation(self, eval_cfg, concept_set, forget: list[str], seconds: float | None = None) -> float:
+        """One evaluation (`seconds` for the reference image count; default: an erase run's):
+        proportional to its image count (the protocol's plan on the concept set)."""
+        per_reference = self.evaluation if seconds is None else seconds
+        return per_reference * evaluation_images(concept_set, forget, eval_cfg) / self.images_reference
 
     def evaluate_seconds(self, overrides: list[str], concept_set, forget: list[str]) -> float:
         return self.parallel_slowdown * (self.startup + self._evaluation(_eval_config(overrides), concept_set, forget))
@@ -79,7 +84,7 @@ class Costs:
         evaluations = 1 + math.ceil(steps / every) if steps else 1
         per_step = self.attack_step_seconds.get(name, 0.4) * (int(cfg.get("batch_size", 16)) / 16)
         return self.parallel_slowdown * (self.startup + steps * per_step + evaluations * self._evaluation(
-            _eval_config(overrides), concept_set, forget))
+            _eval_config(overrides), concept_set, forget, self.attack_evaluation))
 
 
 def evaluation_images(concept_set, forget: list[str], eval_cfg) -> int:
