@@ -22,11 +22,10 @@ from pathlib import Path
 def rows_of(recipe: str, root: Path) -> list[dict]:
     """(kind label, measured s, estimated s) of each run recorded complete with its current spec."""
     from diffunlearn.bench import load_recipe
-    from diffunlearn.bench.grid import expand, finished_nodes
-    from diffunlearn.bench.store import Store
+    from diffunlearn.bench.grid import expand, finished_nodes, sync_store
 
     nodes = expand(load_recipe(recipe), root)
-    store = Store(root / "results.sqlite")
+    store = sync_store(root, recipe, nodes)  # as `diffunlearn results` reads it
     seconds = {r["node"]: r["seconds"] for r in store.runs(recipe)}
     out = []
     for n in finished_nodes(nodes, store):

@@ -537,8 +537,8 @@ def test_attack_runs_keyed_on_their_overrides_are_adopted_when_their_config_stil
     attacks = [n for n in nodes if n.kind == "attack"]
     assert len(attacks) == 2 and all(n.overrides_keyed_out != n.out for n in attacks)
     kept, stale = attacks
-    for node, steps in ((kept, node_steps := kept.attack_config["steps"]), (stale, 400)):
-        assert node_steps != 400
+    assert kept.attack_config["steps"] != 400
+    for node, steps in ((kept, kept.attack_config["steps"]), (stale, 400)):
         node.overrides_keyed_out.mkdir(parents=True)
         (node.overrides_keyed_out / "config.yaml").write_text(json.dumps({"attack": {**node.attack_config,
                                                                                     "steps": steps}}))

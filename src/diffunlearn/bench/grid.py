@@ -308,22 +308,21 @@ def _check_attack(ctx: _Context, name: str, overrides: list[str], concepts: list
     return ctx.checked_attacks[key]
 
 
-def changed_keys(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The keys of a resolved section that differ from a recorded one, each as 'steps 400 -> 800'
-    (keys the recorded one lacks are ones added since, at their defaults)."""
-    return [f"{k} {recorded[k]} -> {v}" for k, v in now.items() if k in recorded and recorded[k] != v]
+def same_as_recorded(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
+    """A resolved section equals a recorded one (keys the recorded one lacks were added since, at
+    their defaults)."""
+    return all(recorded[k] == v for k, v in now.items() if k in recorded)
 
 
-def adopt_overrides_keyed_attacks(nodes: list[Node], root: str | Path) -> list[str]:
+def adopt_overrides_keyed_attacks(nodes: list[Node], root: str | Path) -> None:
     """Move attack runs made when attack keys hashed the overrides alone to their directory under
     today's key (which hashes the resolved `attack` section), when the `attack` section the run
     recorded equals what the attack resolves to now, and point their record files there (the store
     imports them at its next sync). A run made under another profile stays where it is, and its
-    node runs again. Returns the nodes adopted."""
+    node runs again."""
     from diffunlearn.bench.worker import NodeBusy, _save_record, node_lock, record_path
     from diffunlearn.config import load_yaml
 
-    adopted = []
     for n in nodes:
         old, new = n.overrides_keyed_out, n.out
         if n.kind != "attack" or old is None or old == new:
@@ -333,7 +332,7 @@ def adopt_overrides_keyed_attacks(nodes: list[Node], root: str | Path) -> list[s
                 recorded = load_yaml(old / "config.yaml").get("attack") or {}
             except ConfigError:
                 continue
-            if changed_keys(recorded, n.attack_config or {}):
+            if not same_as_recorded(recorded, n.attack_config or {}):
                 continue
             try:
                 with node_lock(old):
@@ -341,15 +340,13 @@ def adopt_overrides_keyed_attacks(nodes: list[Node], root: str | Path) -> list[s
                     old.with_name(old.name + ".lock").unlink()  # no run uses the old key any more
             except NodeBusy:
                 continue
-        path = record_path({"records": str(Path(root) / n.recipe / "records"), "node": n.node})
+        where = {"records": str(Path(root) / n.recipe / "records"), "node": n.node}
+        path = record_path(where)
         if old.exists() or not new.is_dir() or not path.is_file():
             continue
         record = json.loads(path.read_text())
         if record.get("out") == str(old.resolve()):
-            _save_record({"records": str(path.parent), "node": n.node},
-                         record | {"out": str(new.resolve()), "spec": n.spec_hash})
-            adopted.append(n.node)
-    return adopted
+            _save_record(where, record | {"out": str(new.resolve()), "spec": n.spec_hash})
 
 
 def sync_store(root: str | Path, recipe: str, nodes: list[Node] | None = None):
@@ -453,8 +450,7 @@ def run_grid(nodes: list[Node], executor, root: str | Path = DEFAULT_ROOT, jobs:
     specs = {n.node: n.spec(root, threads, extra) for n in nodes}
     store.register([{k: v for k, v in s.items() if k not in ("overrides",)} for s in specs.values()])
     by_id = {n.node: n for n in nodes}
-    finished = finished_nodes(nodes, store)
-    skipped = [n.node for n in finished]
+    skipped = [n.node for n in finished_nodes(nodes, store)]
     done: set[str] = set(skipped)
     failed: dict[str, int] = {}
     diverged: set[str] = set()
