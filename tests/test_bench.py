@@ -202,6 +202,30 @@ def test_a_recipe_on_another_concept_set(tmp_path, tiny_model_dir, tiny_evaluato
     result = runner.invoke(app, ["bench", str(path), "--dry-run", "--forget-set", "dotted=doted"])
     assert result.exit_code == 2 and "unknown concept 'doted'" in result.output
 
+def test_a_run_on_another_model_keeps_the_recipes_own_results(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    """The store and the record files are keyed by node name: the same recipe on another model
+    (`--model`) names its nodes after that model, so neither run replaces the other's rows (it
+    did: `organism --model testbed-sd` overwrote the pixel testbed's records of the same labels)."""
+    import shutil
+
+    import diffunlearn
+
+    other_model = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other_model)
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, methods=("original", "core")))
+    root = tmp_path / "root"
+    own, other = expand(recipe, root), expand(recipe, root, model=other_model)
+    assert all(n.node.startswith("other-model-") and ":" in n.node for n in other)
+    assert [n.node.split(":", 1)[1] for n in other] == [n.node for n in own]  # same labels after the model
+    assert [n.node for n in expand(recipe, root, model=tiny_model_dir)] == [n.node for n in own]
+    run_grid(own, FakeExecutor(metrics=lambda spec: {"UA": 10.0}), root, report=lambda line: None)
+    run_grid(other, FakeExecutor(metrics=lambda spec: {"UA": 90.0}), root, report=lambda line: None)
+    for model, ua in ((None, 10.0), (other_model, 90.0)):
+        frame = diffunlearn.results(recipe, root, model=model)
+        assert (frame["status"] == "complete").all() and (frame["UA"] == ua).all()
+    assert len(list((root / recipe.name / "records").glob("*.json"))) == 2 * len(own)
+
+
 def test_expansion_crosses_methods_seeds_and_attacks(tmp_path, tiny_model_dir, tiny_evaluator_dir):
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0, 1), methods=("original", "core", "esd"))
     nodes = expand(load_recipe(path), tmp_path / "root")

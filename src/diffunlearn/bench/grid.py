@@ -150,8 +150,10 @@ def expand(recipe: Recipe, root: str | Path = DEFAULT_ROOT, model: str | Path | 
     model_value = str(model) if model else recipe.model
     model_dir = model_folder(model_value)
     meta = check_model_dir(model_dir)
-    context = _Context(recipe, root, model_value, model_dir, model_content_hash(model_dir), package_versions(),
-                       [*recipe.protocols[protocol], *recipe.overrides], seeds, Costs.load(), recipe.task.options())
+    model_hash = model_content_hash(model_dir)
+    context = _Context(recipe, root, model_value, model_dir, model_hash, package_versions(),
+                       [*recipe.protocols[protocol], *recipe.overrides], seeds, Costs.load(), recipe.task.options(),
+                       node_scope(model_value, model_dir, model_folder(recipe.model), model_hash))
     check_overrides(recipe.overrides, ("method", "task", "eval", "seed", "attack"), f"recipe {recipe.name}",
                     recipe_wide=True)
     used = [g for g in recipe.groups if not groups or g.id in groups]
@@ -186,8 +188,22 @@ class _Context:
     seeds: list[int] | None
     costs: Any
     task_options: dict[str, str]
+    scope: str  # prefixes every node name: empty on the recipe's own model (see `node_scope`)
     concept_sets: dict[str, Any] = field(default_factory=dict)  # per forget set: its resolved concept set
     checked_attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def node_scope(model: str | None, model_dir: Path, recipe_model_dir: Path, model_hash: str) -> str:
+    """What a node's name starts with on `model`: nothing on the recipe's own model, else the
+    model's name and a colon (`testbed-sd:strength/gentle/esd/dotted/s0`; a folder by its name and
+    content hash), because the store and the record files are keyed by the node's name: without
+    it, a run on another model would replace the recipe's rows of the same label."""
+    from diffunlearn.runs.resolve import SHIPPED_MODELS
+
+    if model_dir.resolve() == recipe_model_dir.resolve():
+        return ""
+    text = str(model)
+    return f"{text}:" if text in SHIPPED_MODELS else f"{model_dir.resolve().name}-{model_hash[:8]}:"
 
 
 def _check_forget_set(recipe: Recipe, name: str, model_dir: Path, meta: dict, task_options: dict[str, str]):
@@ -227,8 +243,8 @@ def _group_nodes(ctx: _Context, group: Group) -> list[Node]:
                     if ctx.task_options:
                         identity["task"] = ctx.task_options
                     key = config_hash(identity)
-                    control = Node(recipe.name, f"{group.id}/{variant}/{ORIGINAL}/{forget}", "evaluate", group.id,
-                                   variant, ORIGINAL, forget, list(concepts), None, eval_overrides,
+                    control = Node(recipe.name, f"{ctx.scope}{group.id}/{variant}/{ORIGINAL}/{forget}", "evaluate",
+                                   group.id, variant, ORIGINAL, forget, list(concepts), None, eval_overrides,
                                    out_root / f"{ORIGINAL}-{key}", ctx.model, run_id=key,
                                    est_seconds=costs.evaluate_seconds(eval_overrides, ctx.concept_sets[forget],
                                                                       list(concepts)),
@@ -246,7 +262,7 @@ def _group_nodes(ctx: _Context, group: Group) -> list[Node]:
                                                  ctx.task_options)
                     except ConfigError as err:
                         raise ConfigError(f"{where}, {method} on '{forget}' ({variant}): {err}") from None
-                    label = f"{group.id}/{variant}/{method}/{forget}" + ("" if seed is None else f"/s{seed}")
+                    label = f"{ctx.scope}{group.id}/{variant}/{method}/{forget}" + ("" if seed is None else f"/s{seed}")
                     erase = Node(recipe.name, label, "erase", group.id, variant, method, forget, list(concepts), seed,
                                  overrides, out_root / f"{registered}-{resolved.run_id}", ctx.model,
                                  run_id=resolved.run_id, est_seconds=costs.erase_seconds(resolved),
