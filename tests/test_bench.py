@@ -163,6 +163,7 @@ def test_a_recipe_on_another_concept_set(tmp_path, tiny_model_dir, tiny_evaluato
     recipe is read beside the recipe."""
     import shutil
 
+    import diffunlearn
     from diffunlearn.bench.recipe import with_concepts
     from diffunlearn.config import ConfigError
     from diffunlearn.data.concepts import SETS_DIR
@@ -175,7 +176,16 @@ def test_a_recipe_on_another_concept_set(tmp_path, tiny_model_dir, tiny_evaluato
 
     moved = with_concepts(default, concepts="canvas", forget_sets={"dotted": ["grid"]})
     nodes = expand(moved, tmp_path / "root")
-    assert [n.node for n in nodes] == [n.node for n in plain]  # the same labels: claims still apply
+    labels = [(n.group, n.variant, n.method, n.forget, n.seed, n.attack) for n in nodes]
+    assert labels == [(n.group, n.variant, n.method, n.forget, n.seed, n.attack) for n in plain]  # claims apply
+    # node names (the store's keys) name the concept set, so neither grid replaces the other's rows
+    assert [n.node.split(":", 1) for n in nodes] == [[nodes[0].node.split(":")[0], n.node] for n in plain]
+    assert nodes[0].node.startswith("concepts-")
+    run_grid(plain, FakeExecutor(metrics=lambda spec: {"UA": 10.0}), tmp_path / "root", report=lambda line: None)
+    run_grid(nodes, FakeExecutor(metrics=lambda spec: {"UA": 90.0}), tmp_path / "root", report=lambda line: None)
+    for recipe_on, ua in ((default, 10.0), (moved, 90.0)):
+        frame = diffunlearn.results(recipe_on, tmp_path / "root")
+        assert (frame["status"] == "complete").all() and (frame["UA"] == ua).all()
     assert all(n.concepts == ["grid"] and n.task_options == {"concepts": "canvas"} for n in nodes)
     erase = next(n for n in nodes if n.kind == "erase")
     resolved = resolve_erase("core", ["grid"], None, str(tiny_model_dir), None, erase.overrides, {"concepts": "canvas"})

@@ -153,7 +153,8 @@ def expand(recipe: Recipe, root: str | Path = DEFAULT_ROOT, model: str | Path | 
     model_hash = model_content_hash(model_dir)
     context = _Context(recipe, root, model_value, model_dir, model_hash, package_versions(),
                        [*recipe.protocols[protocol], *recipe.overrides], seeds, Costs.load(), recipe.task.options(),
-                       node_scope(model_value, model_dir, model_folder(recipe.model), model_hash))
+                       node_scope(model_value, model_dir, model_folder(recipe.model), model_hash)
+                       + recipe._concept_scope)
     check_overrides(recipe.overrides, ("method", "task", "eval", "seed", "attack"), f"recipe {recipe.name}",
                     recipe_wide=True)
     used = [g for g in recipe.groups if not groups or g.id in groups]

@@ -17,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from diffunlearn.config import ConfigError, StrictModel, load_yaml
+from diffunlearn.config import ConfigError, StrictModel, config_hash, load_yaml
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 ORIGINAL = "original"  # the control "method": the model itself, evaluated (and attacked) without unlearning
@@ -213,6 +213,9 @@ class TaskKeys(StrictModel):
 
 
 class Recipe(StrictModel):
+    # set by `with_concepts`: names this concept set in the grid's node names (`grid.expand`)
+    _concept_scope: str = PrivateAttr("")
+
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     description: str
     paper: str
@@ -397,9 +400,13 @@ def with_concepts(recipe: Recipe, concepts: str | None = None, domain: str | Non
                                                            "anchor": anchor}.items() if v is not None}
     data = recipe.model_dump() | {"task": task, "forget_sets": recipe.forget_sets | dict(forget_sets or {})}
     try:
-        return Recipe.model_validate(data)
+        moved = Recipe.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"recipe {recipe.name}: {one_line(err)}") from None
+    # the groups and claims keep their labels, but node names (the store's and the record files' keys)
+    # name the concept set, so a grid on it never replaces the recipe's own rows
+    moved._concept_scope = f"concepts-{config_hash({'task': task, 'forget_sets': moved.forget_sets})[:8]}:"
+    return moved
 
 
 def one_line(err: ValidationError) -> str:
