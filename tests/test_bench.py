@@ -212,6 +212,7 @@ def test_a_recipe_on_another_concept_set(tmp_path, tiny_model_dir, tiny_evaluato
     result = runner.invoke(app, ["bench", str(path), "--dry-run", "--forget-set", "dotted=doted"])
     assert result.exit_code == 2 and "unknown concept 'doted'" in result.output
 
+
 def test_a_run_on_another_model_keeps_the_recipes_own_results(tmp_path, tiny_model_dir, tiny_evaluator_dir):
     """The store and the record files are keyed by node name: the same recipe on another model
     (`--model`) names its nodes after that model, so neither run replaces the other's rows (it
