@@ -95,6 +95,9 @@ def test_retrain_reports_the_pretraining_it_ran_and_none_when_cached(tiny_model_
     assert costs[0] == {"steps": 2, "resumed_from_step": 0, "pretrain_cached": False, "unet_forward": 2,
                         "unet_forward_images": 2 * batch, "unet_backward": 2}
     assert costs[1] == {"steps": 0, "pretrain_cached": True}
+    (entry,) = (tmp_path / "retrain").iterdir()
+    assert (entry / "model" / "diffunlearn.json").exists()
+    assert not (entry / "checkpoint").exists()  # the resume point goes once the model is written
 
 
 def test_retrain_keeps_the_original_text_encoder_and_a_path_free_cache_key(tiny_model_dir, tmp_path, monkeypatch):

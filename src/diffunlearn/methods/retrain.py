@@ -56,6 +56,8 @@ class Retrain(Method):
         return recipe
 
     def apply_closed_form(self) -> dict[str, float]:
+        import shutil
+
         from diffunlearn.backends.diffusers_t2i import T2IModel
         from diffunlearn.config import config_hash
         from diffunlearn.data.tasks import cache_dir
@@ -70,6 +72,8 @@ class Retrain(Method):
             trained = pretrain_model(recipe, folder, progress=False, like=self.backend,
                                      train_text_encoder=self.cfg.train_text_encoder)
             self._cost = self.pretraining_cost(trained.meta, recipe.train.batch_size)
+        # the resume point is dead weight (a model's worth of tensors) once the model is written
+        shutil.rmtree(folder / "checkpoint", ignore_errors=True)
         self.backend.load_weights_from(trained)
         return {"loss": 0.0, "pretrain_steps": float(recipe.train.steps)}
 
