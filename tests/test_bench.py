@@ -938,3 +938,24 @@ def test_an_attack_costs_its_steps_and_its_evaluations_at_the_attack_rate():
         ConceptSet.builtin("canvas"), ["dotted"])
     assert seconds == pytest.approx(1.4 * (8 + 800 * 0.06 + 3 * 21 * 208 / 228), rel=1e-9)
     assert seconds == pytest.approx(158.9, abs=0.1)
+
+
+def test_each_retrain_cache_entry_is_charged_one_pretraining():
+    """costs.yaml: one retrain pretraining of 10000 steps costs 2324 s, times 1.4 beside a second
+    job. `methods/retrain.py` caches a pretraining per forget set and text encoder (kept or
+    retrained) and step count, so a second UNet-only retrain of `dotted` costs none, one that also
+    retrains the text encoder costs a whole pretraining more (1.4 * 2324 = 3253.6 s), and one of
+    5000 steps half of it (1626.8 s)."""
+    from diffunlearn.bench.costs import Costs
+    from diffunlearn.runs.resolve import resolve_erase
+
+    costs = Costs.load()
+
+    def seconds(*overrides: str) -> float:
+        return costs.erase_seconds(resolve_erase("retrain", ["dotted"], overrides=list(overrides)))
+
+    seconds()  # the first pretraining, and the forget set's `before` evaluation
+    cached = seconds()
+    assert seconds("method.train_text_encoder=true") - cached == pytest.approx(3253.6)
+    assert seconds("method.train_text_encoder=true") == pytest.approx(cached)
+    assert seconds("method.pretrain_steps=5000") - cached == pytest.approx(1626.8)

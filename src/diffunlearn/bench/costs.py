@@ -33,6 +33,7 @@ class Costs:
     attack_step_seconds: dict[str, float]
     attack_evaluation: float
     retrain_seconds: float
+    retrain_steps: int
     default_seconds: float
     seen_before: set[str] = field(default_factory=set)
 
@@ -46,6 +47,7 @@ class Costs:
                    train_steps={m: v["steps"] for m, v in methods.items()},
                    attack_step_seconds=data["attack_step_seconds"],
                    attack_evaluation=data["attack_evaluation_seconds"], retrain_seconds=data["retrain_seconds"],
+                   retrain_steps=data["retrain_steps"],
                    default_seconds=data["default_train_seconds"])
 
     def _evaluation(self, eval_cfg, concept_set, forget: list[str], seconds: float | None = None) -> float:
@@ -64,14 +66,25 @@ class Costs:
         before = 0.0 if key in self.seen_before else evaluation
         self.seen_before.add(key)
         if method == "retrain":
-            train = self.retrain_seconds if repr(sorted(resolved.task.forget)) not in self.seen_before else 0.0
-            self.seen_before.add(repr(sorted(resolved.task.forget)))
+            train = self._retrain_seconds(resolved)
         else:
             steps, base = resolved_steps(method, cfg, resolved.task, resolved.concept_set), self.train_steps.get(method)
             train = self.train_seconds.get(method, self.default_seconds)
             if steps and base:  # closed forms (steps 0) cost what they cost
                 train *= steps / base
         return self.parallel_slowdown * (self.startup + train + before + evaluation)
+
+    def _retrain_seconds(self, resolved) -> float:
+        """One pretraining per cache entry (`methods/retrain.py` keys it by forget set, text
+        encoder kept or retrained, and the recipe's step count and data size), scaled to its steps;
+        later runs of the same entry find it cached."""
+        cfg = resolved.method_config
+        entry = repr(("retrain", sorted(resolved.task.forget), cfg.train_text_encoder, cfg.pretrain_steps,
+                      cfg.pretrain_images_per_pair))
+        if entry in self.seen_before:
+            return 0.0
+        self.seen_before.add(entry)
+        return self.retrain_seconds * (cfg.pretrain_steps or self.retrain_steps) / self.retrain_steps
 
     def attack_seconds(self, name: str, overrides: list[str], concept_set, forget: list[str]) -> float:
         from diffunlearn.attacks import attacks
