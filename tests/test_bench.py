@@ -389,7 +389,7 @@ def test_ua_and_erase_acc_are_shares_of_the_forget_generations_too():
     """UA ([001]) and erase ACC ([003]) count the same full-forget-prompt generations as AR_MU, so
     three seeds at UA 100 on 20 images each are 60 of 60: by the symmetry of Wilson's interval,
     [100 - 6.017, 100] (0 of 60 is [0, 6.017], worked by hand above). UA_partial (other images)
-    and IRA (the retain grid) keep their t-interval."""
+    and IRA without its count of retain images (runs before 2026-12-07) keep their t-interval."""
     from diffunlearn.bench.claims import interval
 
     rows = _frame([{"method": "core", "seed": s, "UA": 100.0, "UA_partial": 100.0, "IRA": 100.0, "erase_ACC": 0.0,
@@ -959,3 +959,22 @@ def test_each_retrain_cache_entry_is_charged_one_pretraining():
     assert seconds("method.train_text_encoder=true") - cached == pytest.approx(3253.6)
     assert seconds("method.train_text_encoder=true") == pytest.approx(cached)
     assert seconds("method.pretrain_steps=5000") - cached == pytest.approx(1626.8)
+
+
+def test_ira_and_cra_get_the_wilson_floor_of_the_retain_images_they_judged():
+    """Three seeds at IRA 100 on 200 retain images each are 600 of 600, whose Wilson lower bound
+    is n / (n + z^2) = 600 / 603.8415 = 99.364; one image moves IRA by 0.5 points, so 99.8 against
+    100 is noise. `generation_counts` reads the count from an evaluation's `counts.judged`."""
+    from diffunlearn.bench.claims import interval, resolution
+    from diffunlearn.bench.extract import generation_counts
+
+    figures = generation_counts({"counts": {"forget-full": 20, "judged": {"IRA": 200, "CRA": 150}}})
+    assert figures == {"forget_images": 20, "AR_resolution": 5.0, "IRA_images": 200.0, "CRA_images": 150.0}
+    rows = _frame([{"method": "core", "seed": s, "IRA": 100.0, "CRA": 90.0, "IRA_images": 200.0,
+                    "CRA_images": 150.0} for s in range(3)])
+    ira = interval(rows, "IRA")
+    assert (ira.lo, ira.hi) == (pytest.approx(99.364, abs=1e-3), 100.0)
+    assert resolution(rows, "IRA") == 0.5 and resolution(rows, "CRA") == pytest.approx(100 / 150)
+    claim = _claim(metric="IRA", kind="greater", subject={"method": "core"}, other={"method": "esd"})
+    esd = [{"method": "esd", "seed": s, "IRA": 99.8, "IRA_images": 200.0} for s in range(3)]
+    assert evaluate_claim(claim, _frame(rows.to_dict("records") + esd)).verdict == INCONCLUSIVE

@@ -255,6 +255,8 @@ def test_evaluate_model_end_to_end(tiny_model, tiny_canvas_evaluator):
     n_obj, n_sty = len(canvas.OBJECTS), len(canvas.STYLES)
     assert counts["forget-full"] == n_obj and counts["forget-partial"] == 2
     assert counts["retain"] == (n_sty - 1) * n_obj == counts["reference"]
+    # every retain image is judged in the forget's domain (IRA) and the other (CRA): the Wilson floor's trials
+    assert counts["judged"] == {"IRA": counts["retain"], "CRA": counts["retain"]}
     assert counts["steps"] == 2 and counts["guidance"] == tiny_model.meta["guidance_scale"]
     assert result.images.shape == (len(result.plan), *tiny_model.image_shape)
     assert result.images.abs().max() <= 1

@@ -27,8 +27,9 @@ of such a share (all but resurgence, a difference) is never narrower than the 95
 interval of the generations pooled over its runs: seeds that agree (three runs each seeing 1 of
 22 generations) give a t-interval of width 0, though 3 of 66 generations cannot tell 4.5% from
 10%; the figures say when the floor widened it. Such an interval is cut to [0, 100], where every
-share lies. Shares of other generations (IRA, CRA: the retain grid, averaged over domains) get no
-floor: runs do not record their counts.
+share lies. IRA and CRA, shares of the retain generations (averaged over domains where the
+forget set spans two), get the same resolution and floor from the retain images each judged
+(`IRA_images`, `CRA_images`, recorded by evaluations since 2026-12-07; older runs get neither).
 `per` splits the claim into one verdict per value of those columns; the claim holds when
 every slice holds, fails when any slice fails, else is inconclusive. A slice without runs
 yet says `no data`. All rows a selection picks in a slice are pooled.
@@ -125,13 +126,33 @@ def _share(metric: str, prefixes: tuple[str, ...]) -> bool:
     return metric in FORGET_SHARES or (metric.startswith(prefixes) and not metric.endswith("_step"))
 
 
+RETAIN_SHARES = ("IRA", "CRA")  # shares of the retain generations, counted in `<metric>_images`
+
+
+def generations(rows: pd.DataFrame, metric: str, prefixes: tuple[str, ...] = PROPORTIONS) -> pd.Series | None:
+    """The generations behind each row's `metric` (NaN where a row does not record them), or None
+    for a figure that is no share of generations: forget shares by their runs' `AR_resolution`
+    (100 / the forget images), IRA and CRA by the retain images they judged."""
+    if metric in RETAIN_SHARES:
+        column = f"{metric}_images"
+    elif _share(metric, prefixes):
+        column = "AR_resolution"
+    else:
+        return None
+    if column not in rows:
+        import pandas as pd
+
+        return pd.Series(float("nan"), index=rows.index)
+    return rows[column] if metric in RETAIN_SHARES else (100.0 / rows[column]).round()
+
+
 def resolution(rows: pd.DataFrame, metric: str) -> float | None:
     """The points one generation moves `metric` on these rows (the coarsest), or None for a
-    figure that is not a share of the forget generations or rows that do not record it."""
-    if not _share(metric, GENERATION_SHARES) or "AR_resolution" not in rows:
+    figure that is not a share of generations or rows that do not record them."""
+    counts = generations(rows, metric, GENERATION_SHARES)
+    if counts is None or counts.dropna().empty:
         return None
-    values = rows["AR_resolution"].dropna()
-    return float(values.max()) if not values.empty else None
+    return float(100.0 / counts.dropna().min())
 
 
 def wilson(successes: float, trials: float, z: float = 1.959964) -> tuple[float, float]:
@@ -144,15 +165,16 @@ def wilson(successes: float, trials: float, z: float = 1.959964) -> tuple[float,
 
 
 def sampling_floor(rows: pd.DataFrame, metric: str, values: Interval) -> Interval:
-    """For a share of the forget generations: `values` widened to the Wilson interval of the
-    generations behind it (each run's 100 / AR_resolution, pooled; rows that do not record
-    their resolution get no floor), then cut to the shares' range [0, 100]. Any other figure
-    unchanged."""
-    if not _share(metric, PROPORTIONS) or not values.known:
+    """For a share of generations: `values` widened to the Wilson interval of the generations
+    behind it (`generations`, pooled; rows that do not record them get no floor), then cut to
+    the shares' range [0, 100]. Any other figure unchanged. IRA or CRA averaged over two domains
+    is not one Bernoulli trial per image, but its variance is at most one's at the same mean, so
+    the floor stays a floor."""
+    picked = rows[rows[metric].notna()] if metric in rows else rows.iloc[0:0]
+    images = generations(picked, metric)
+    if images is None or not values.known:
         return values
-    picked = rows[rows[metric].notna()]
-    if "AR_resolution" in picked and not picked["AR_resolution"].isna().any():
-        images = (100.0 / picked["AR_resolution"]).round()
+    if not images.empty and not images.isna().any():
         trials = float(images.sum())
         lo, hi = wilson(float((picked[metric] / 100.0 * images).sum()), trials)
         if lo < values.lo or hi > values.hi:

@@ -107,9 +107,15 @@ def _take(source: dict[str, Any] | None, keys, prefix: str = "") -> dict[str, fl
 
 def generation_counts(evaluation: dict[str, Any] | None) -> dict[str, float]:
     """The forget generations behind an evaluation's AR (`forget_images`) and the points one of
-    them moves it (`AR_resolution`), as attack summaries record them."""
-    images = clean(((evaluation or {}).get("counts") or {}).get("forget-full"))
-    return {"forget_images": images, "AR_resolution": 100.0 / images} if images else {}
+    them moves it (`AR_resolution`), as attack summaries record them; and the retain images
+    behind its IRA and CRA (`IRA_images`, `CRA_images`; evaluations since 2026-12-07 record them)."""
+    counts = (evaluation or {}).get("counts") or {}
+    images = clean(counts.get("forget-full"))
+    out = {"forget_images": images, "AR_resolution": 100.0 / images} if images else {}
+    for metric, judged in (counts.get("judged") or {}).items():
+        if clean(judged):
+            out[f"{metric}_images"] = float(judged)
+    return out
 
 
 def erase_metrics(out: Path) -> dict[str, float]:

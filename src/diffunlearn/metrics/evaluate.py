@@ -411,6 +411,7 @@ def _judge(plan: list[PlanItem], images: torch.Tensor, evaluator: Evaluator | No
         "CRA": cra_concepts,
         "AR_CL": acc.per_group(full["cl"], full["cl_labels"]) if full["cl_labels"] else None,
     }
+    m["judged"] = {"IRA": int(ira.numel()), "CRA": int(cra.numel())}  # the retain images behind each
     return m
 
 
@@ -500,13 +501,15 @@ def evaluate_model(model: T2IModel, evaluator: Evaluator | None, forget: Sequenc
     quality = _quality(fid_feature, reference, plan, images, eval_cfg, reasons, why)
     sfid_score, total_score = _sfid_total(m, quality["fid"], reference_fid)
     per_concept = m.pop("per_concept")
+    judged = m.pop("judged")
     metrics = {
         **m,
         "FID": quality["fid"], "FID_original": reference_fid, "SFID": sfid_score, "Total": total_score,
         "KID": quality["kid_mean"], "KID_std": quality["kid_std"],
         "precision": quality["precision"], "recall": quality["recall"],
         "per_concept": per_concept,
-        "counts": _counts(plan, eval_cfg, guidance, quality, int(images.shape[-1]), data_seed),
+        "counts": {**_counts(plan, eval_cfg, guidance, quality, int(images.shape[-1]), data_seed),
+                   "judged": judged},
     }
     if evaluator is not None:
         metrics.update(evaluator.extra(images, [it.prompt for it in plan], [it.role for it in plan]))
