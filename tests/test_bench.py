@@ -921,6 +921,10 @@ def test_each_band_of_a_curve_plot_has_its_line_colour(monkeypatch):
     lines = {line.get_label(): to_rgba(line.get_color()) for line in ax.lines}
     bands = [tuple(band.get_facecolor()[0][:3]) for band in ax.collections]
     assert bands == [lines["esd"][:3], lines["salun"][:3]]  # the original has no spread, so no band
+    # a share's panels all span 0-100, so a rise to 6% never looks like one to 100%
+    low = [r | {"forget": "checkered", "value": r["value"] / 20} for r in rows if r["label"] != "original"]
+    plots.curves(pd.DataFrame(rows + low), "forget", ["AR_MU_top1"], "AR", "AR (%)", plots.PERCENT_AXIS)
+    assert [ax.get_ylim() for ax in figures[1].axes[:2]] == [plots.PERCENT_AXIS] * 2
 
 
 def test_an_attack_costs_its_steps_and_its_evaluations_at_the_attack_rate():

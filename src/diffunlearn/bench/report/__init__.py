@@ -150,7 +150,8 @@ def _figures(recipe: Recipe, frame, curves) -> list[dict[str, Any]]:
                 a = g[g["source"] == "attack"].copy()
                 a["panel"] = a["attack"] + " / " + a["forget"]
                 add(f"{group.id}: AR over attack steps",
-                    plots.curves(a, "panel", ["AR_MU_top1"], "AR top-1 during the attack", "AR top-1 (%)"),
+                    plots.curves(a, "panel", ["AR_MU_top1"], "AR top-1 during the attack", "AR top-1 (%)",
+                                 plots.PERCENT_AXIS),
                     "share of forget-prompt generations classified as the erased concept; mean over seeds, "
                     "band: lowest to highest seed")
                 add(f"{group.id}: distance from the original weights during the attack",
@@ -186,7 +187,7 @@ def _figures(recipe: Recipe, frame, curves) -> list[dict[str, Any]]:
         a["label"] = [f"{r['group']}: {plots.config_label(r, attack=False)}" for _, r in a.iterrows()]
         add(f"{step}: AR over attack steps, every group",
             plots.curves(a, "forget", ["AR_MU_top1"], f"{step}: AR top-1 in every group that runs it",
-                         "AR top-1 (%)"),
+                         "AR top-1 (%)", plots.PERCENT_AXIS),
             f"every group the attack {step} ran in, one panel per forget set: the unlearned models beside the "
             "controls attacked the same way; mean over seeds, band: lowest to highest seed")
     return figures

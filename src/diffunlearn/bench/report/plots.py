@@ -84,9 +84,14 @@ def bars(board: pd.DataFrame, metrics: list[str], title: str) -> bytes | None:
     return _png(fig)
 
 
-def curves(frame: pd.DataFrame, panels_by: str, names: list[str], title: str, ylabel: str) -> bytes | None:
+PERCENT_AXIS = (-2.0, 102.0)  # every panel of a share on one scale, so that panels compare at a glance
+
+
+def curves(frame: pd.DataFrame, panels_by: str, names: list[str], title: str, ylabel: str,
+           ylim: tuple[float, float] | None = None) -> bytes | None:
     """Mean over seeds of curves `names` against step, one panel per value of `panels_by`, one
-    line per configuration (and curve name), a band from the lowest to the highest seed."""
+    line per configuration (and curve name), a band from the lowest to the highest seed; every
+    panel on `ylim` when given (a share: `PERCENT_AXIS`)."""
     frame = frame[frame["name"].isin(names)]
     if frame.empty:
         return None
@@ -100,6 +105,8 @@ def curves(frame: pd.DataFrame, panels_by: str, names: list[str], title: str, yl
             (line,) = ax.plot(stats.index, stats["mean"], label=text, linewidth=1.2)
             if (stats["max"] > stats["min"]).any():  # in the line's colour: fills cycle colours apart from lines
                 ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15, color=line.get_color())
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.set_title(str(key), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
