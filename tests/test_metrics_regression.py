@@ -78,9 +78,11 @@ def test_canvas_metrics_unchanged(name):
     assert plan == case["plan"]
     metrics = json.loads(json.dumps(result.metrics))
     # new, informational keys only: which evaluator answered, that nothing was left out, and the
-    # forget prompts' image count (the recorded protocol had no separate one)
+    # forget prompts' image count (the recorded protocol had no separate one), and the retain
+    # images behind IRA and CRA (every one, judged in each domain the canvas evaluator classifies)
     assert metrics.pop("evaluator") == "canvas" and metrics.pop("not_computed") is None
     counts = metrics["counts"]
     assert counts.pop("forget_images_per_prompt") == counts["images_per_prompt"]
+    assert counts.pop("judged") == {k: counts["retain"] if metrics[k] is not None else 0 for k in ("IRA", "CRA")}
     assert metrics.pop("notes") == []
     _same(metrics, case["metrics"])
