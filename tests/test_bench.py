@@ -982,3 +982,30 @@ def test_ira_and_cra_get_the_wilson_floor_of_the_retain_images_they_judged():
     claim = _claim(metric="IRA", kind="greater", subject={"method": "core"}, other={"method": "esd"})
     esd = [{"method": "esd", "seed": s, "IRA": 99.8, "IRA_images": 200.0} for s in range(3)]
     assert evaluate_claim(claim, _frame(rows.to_dict("records") + esd)).verdict == INCONCLUSIVE
+
+
+def test_the_direction_of_travel_gets_a_panel_per_weight_group(tmp_path, tiny_model_dir, tiny_evaluator_dir,
+                                                                monkeypatch):
+    """Three cosines per configuration in one panel hid each other (ESD changes only
+    cross-attention, so its `toward_unlearned` and `toward_xattn` coincide): a panel per weight
+    group, in the order unlearned, cross-attention, rest, each line a configuration alone."""
+    from diffunlearn.bench.report import plots, render_report
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0,))
+    recipe, root = load_recipe(path), tmp_path / "root"
+
+    def curves(spec):
+        if spec["kind"] != "attack":
+            return []
+        return [["attack", step, name, 0.1 * step] for step in (0, 1)
+                for name in ("toward_noxattn", "toward_xattn", "toward_unlearned", "AR_MU_top1")]
+
+    run_grid(expand(recipe, root), FakeExecutor(curves=curves), root, jobs=1, report=lambda line: None)
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or b"png")
+    render_report(recipe, tmp_path / "r.html", root)
+    (direction,) = [f for f in figures if f._suptitle.get_text().startswith("cosine of the attack's move")]
+    titles = [ax.get_title() for ax in direction.axes if ax.get_title()]
+    assert titles == [f"relearn-i / dotted: {group}" for group in
+                      ("weights unlearning changed", "cross-attention", "rest of the UNet")]
+    assert all(len(ax.lines) == 1 and ":" not in ax.lines[0].get_label() for ax in direction.axes if ax.lines)

@@ -26,6 +26,9 @@ from diffunlearn.bench.store import Store
 
 TEMPLATE = "template.html.j2"
 MAX_IMAGE_GRIDS = 40
+# the attack curves' direction of travel, each on its weight group ([002] §IV)
+DIRECTION_CURVES = {"toward_unlearned": "weights unlearning changed", "toward_xattn": "cross-attention",
+                    "toward_noxattn": "rest of the UNet"}
 VERDICT_CLASS = {"holds": "holds", "fails": "fails", "inconclusive": "inconclusive", "no data": "nodata"}
 
 
@@ -158,8 +161,16 @@ def _figures(recipe: Recipe, frame, curves) -> list[dict[str, Any]]:
                     plots.curves(a, "panel", ["dist_unlearned"], "distance on the weights unlearning changed",
                                  "L2 distance"),
                     "L2 distance to the original model on the weights the unlearning changed")
+                direction = a[a["name"].isin(DIRECTION_CURVES)].copy()
+                # a panel per weight group: one line per configuration, not three on top of each other;
+                # a row of panels per attack, the weight groups in DIRECTION_CURVES' order
+                first_seen = {panel: k for k, panel in enumerate(dict.fromkeys(direction["panel"]))}
+                direction["order"] = direction["panel"].map(first_seen) * len(DIRECTION_CURVES) + direction[
+                    "name"].map(list(DIRECTION_CURVES).index)
+                direction = direction.sort_values("order", kind="stable")
+                direction["panel"] = direction["panel"] + ": " + direction["name"].map(DIRECTION_CURVES)
                 add(f"{group.id}: direction of travel during the attack",
-                    plots.curves(a, "panel", ["toward_unlearned", "toward_xattn", "toward_noxattn"],
+                    plots.curves(direction, "panel", list(DIRECTION_CURVES),
                                  "cosine of the attack's move with the way back to the original", "cosine"),
                     "+1: straight back toward the original weights, 0: elsewhere, -1: away ([002] §IV); "
                     "on the weights unlearning changed, cross-attention and the rest of the UNet")

@@ -101,7 +101,7 @@ def curves(frame: pd.DataFrame, panels_by: str, names: list[str], title: str, yl
         part = frame[frame[panels_by] == key]
         for (label, name), lines in part.groupby(["label", "name"], sort=False):
             stats = lines.groupby("step")["value"].agg(["mean", "min", "max"]).sort_index()
-            text = label if len(names) == 1 else f"{label}: {name}"
+            text = label if part["name"].nunique() == 1 else f"{label}: {name}"
             (line,) = ax.plot(stats.index, stats["mean"], label=text, linewidth=1.2)
             if (stats["max"] > stats["min"]).any():  # in the line's colour: fills cycle colours apart from lines
                 ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15, color=line.get_color())
