@@ -1009,3 +1009,37 @@ def test_the_direction_of_travel_gets_a_panel_per_weight_group(tmp_path, tiny_mo
     assert titles == [f"relearn-i / dotted: {group}" for group in
                       ("weights unlearning changed", "cross-attention", "rest of the UNet")]
     assert all(len(ax.lines) == 1 and ":" not in ax.lines[0].get_label() for ax in direction.axes if ax.lines)
+
+
+def test_prune_deletes_only_the_run_directories_nothing_names(tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    """An erase directory of an old spec (with the lock file beside it) and an old attack under a
+    current erase run are orphans; every directory a node names stays, and so does one only the
+    store records (a grid on another model or concept set). --dry-run lists and deletes nothing."""
+    from diffunlearn.bench.prune import orphaned_runs
+
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_evaluator_dir, seeds=(0,))
+    recipe, root = load_recipe(path), tmp_path / "root"
+    nodes = expand(recipe, root)
+    run_grid(nodes, FakeExecutor(), root, jobs=1, report=lambda line: None)
+    for n in nodes:
+        n.out.mkdir(parents=True, exist_ok=True)
+        (n.out / "metrics.json").write_text("{}")
+    erase = next(n.out for n in nodes if n.kind == "erase")
+    old_erase, old_attack = erase.parent / "core-000000000000", erase / "attacks" / "relearn-000000000000"
+    for old in (old_erase, old_attack):
+        old.mkdir(parents=True)
+        (old / "images.npy").write_bytes(b"x" * 1000)
+    old_erase.with_name(old_erase.name + ".lock").write_text("")
+
+    # the store alone keeps every node's directory
+    assert {o.path for o in orphaned_runs(recipe.name, root, [])} == {old_erase, old_attack}
+    args = ["bench", str(path), "--root", str(root), "--prune"]
+    listed = runner.invoke(app, [*args, "--dry-run"])
+    assert listed.exit_code == 0, listed.output
+    assert "2 run directories no node names" in listed.output and old_erase.exists() and old_attack.exists()
+    deleted = runner.invoke(app, args)
+    assert deleted.exit_code == 0, deleted.output
+    assert "deleted 2 run directories" in deleted.output
+    assert not old_erase.exists() and not old_attack.exists()
+    assert not old_erase.with_name(old_erase.name + ".lock").exists()
+    assert all((n.out / "metrics.json").exists() for n in nodes)

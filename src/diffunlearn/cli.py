@@ -412,6 +412,10 @@ def bench(
     refresh: Annotated[bool, typer.Option(
         "--refresh", help="Re-read the figures of finished runs from their run directories into the results store "
                           "(after an upgrade changes what is read from a run); run nothing.")] = False,
+    prune: Annotated[bool, typer.Option(
+        "--prune", help="Delete the recipe's run directories that neither the results store nor the recipe names "
+                        "any more (left by changed settings or upgrades); with --dry-run, list them; run nothing.")
+                     ] = False,
 ) -> None:
     """Run a benchmark recipe: expand it into erase/attack/evaluate runs, skip finished ones, resume
     interrupted ones, run attacks after their erase runs, record everything in the results store.
@@ -442,6 +446,9 @@ def bench(
                                               groups=group_list))
         typer.echo(f"{loaded.name}: the figures of {count} finished runs re-read into {root / 'results.sqlite'}")
         return
+    if prune:
+        _prune(loaded, root, model, seed_list, dry_run)
+        return
     if dry_run:
         nodes = guarded(lambda: expand(loaded, root, model=model, protocol=protocol, seeds=seed_list,
                                        groups=group_list))
@@ -466,6 +473,27 @@ def bench(
                    + ", ".join(result.diverged), err=True)
     if not result.ok:
         raise typer.Exit(bench_exit_status(result))
+
+
+def _prune(recipe, root: Path, model: Path | None, seeds: list[int] | None, dry_run: bool) -> None:
+    """`bench --prune`: what the recipe names under every protocol (all groups) is kept, with
+    everything the store records; the rest is listed, and deleted unless --dry-run."""
+    from diffunlearn.bench import expand
+    from diffunlearn.bench.prune import orphaned_runs, remove
+
+    named = [n.out for protocol in recipe.protocols
+             for n in guarded(lambda protocol=protocol: expand(recipe, root, model=model, protocol=protocol,
+                                                               seeds=seeds))]
+    orphans = orphaned_runs(recipe.name, root, named)
+    for orphan in orphans:
+        typer.echo(f"{orphan.bytes / 2**20:9.1f} MB  {orphan.path}")
+    total = sum(o.bytes for o in orphans) / 2**20
+    if dry_run or not orphans:
+        typer.echo(f"{recipe.name}: {len(orphans)} run directories no node names, {total:.1f} MB"
+                   + (" (--prune without --dry-run deletes them)" if orphans else ""))
+        return
+    freed = remove(orphans)
+    typer.echo(f"{recipe.name}: deleted {len(orphans)} run directories no node names, {freed / 2**20:.1f} MB")
 
 
 def bench_exit_status(result) -> int:
