@@ -195,6 +195,8 @@ def test_a_recipe_on_another_concept_set(tmp_path, tiny_model_dir, tiny_evaluato
     assert spec["task_options"] == {"concepts": "canvas"} and spec["concepts"] == ["grid"]
     with pytest.raises(ConfigError, match="no forget set 'nope'"):
         with_concepts(default, forget_sets={"nope": ["grid"]})
+    # flags that repeat the recipe's own set name its own runs (before: a scope, and every run again)
+    assert expand(with_concepts(default, forget_sets={"dotted": ["dotted"]}), tmp_path / "root") == plain
 
     # a concept-set file named in the recipe is found beside it, from any working directory
     shutil.copy(SETS_DIR / "canvas.yaml", tmp_path / "myset.yaml")

@@ -403,6 +403,8 @@ def with_concepts(recipe: Recipe, concepts: str | None = None, domain: str | Non
         moved = Recipe.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"recipe {recipe.name}: {one_line(err)}") from None
+    if moved.task == recipe.task and moved.forget_sets == recipe.forget_sets:
+        return recipe  # the flags repeat the recipe's own concept set: its own runs, found done
     # the groups and claims keep their labels, but node names (the store's and the record files' keys)
     # name the concept set, so a grid on it never replaces the recipe's own rows
     moved._concept_scope = f"concepts-{config_hash({'task': task, 'forget_sets': moved.forget_sets})[:8]}:"
