@@ -976,6 +976,10 @@ def test_ira_and_cra_get_the_wilson_floor_of_the_retain_images_they_judged():
 
     figures = generation_counts({"counts": {"forget-full": 20, "judged": {"IRA": 200, "CRA": 150}}})
     assert figures == {"forget_images": 20, "AR_resolution": 5.0, "IRA_images": 200.0, "CRA_images": 150.0}
+    # before `judged`: the canvas evaluator classifies every canvas concept, so every retain image counts
+    old = {"evaluator": "canvas", "IRA": 99.0, "CRA": None, "counts": {"forget-full": 20, "retain": 200}}
+    assert generation_counts(old) == {"forget_images": 20, "AR_resolution": 5.0, "IRA_images": 200.0}
+    assert "IRA_images" not in generation_counts(old | {"evaluator": "clip:/models/clip"})
     rows = _frame([{"method": "core", "seed": s, "IRA": 100.0, "CRA": 90.0, "IRA_images": 200.0,
                     "CRA_images": 150.0} for s in range(3)])
     ira = interval(rows, "IRA")

@@ -109,13 +109,23 @@ def generation_counts(evaluation: dict[str, Any] | None) -> dict[str, float]:
     """The forget generations behind an evaluation's AR (`forget_images`) and the points one of
     them moves it (`AR_resolution`), as attack summaries record them; and the retain images
     behind its IRA and CRA (`IRA_images`, `CRA_images`; evaluations since 2026-12-07 record them)."""
-    counts = (evaluation or {}).get("counts") or {}
+    evaluation = evaluation or {}
+    counts = evaluation.get("counts") or {}
     images = clean(counts.get("forget-full"))
     out = {"forget_images": images, "AR_resolution": 100.0 / images} if images else {}
-    for metric, judged in (counts.get("judged") or {}).items():
+    for metric, judged in (counts.get("judged") or _canvas_judged(evaluation)).items():
         if clean(judged):
             out[f"{metric}_images"] = float(judged)
     return out
+
+
+def _canvas_judged(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The count an evaluation before `counts.judged` did not record, where it is known: the canvas
+    evaluator classifies every canvas concept, so each of its figures judged every retain image."""
+    if evaluation.get("evaluator") != "canvas":
+        return {}
+    retain = (evaluation.get("counts") or {}).get("retain")
+    return {m: retain for m in ("IRA", "CRA") if evaluation.get(m) is not None}
 
 
 def erase_metrics(out: Path) -> dict[str, float]:
