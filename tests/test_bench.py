@@ -984,6 +984,8 @@ def test_ira_and_cra_get_the_wilson_floor_of_the_retain_images_they_judged():
                     "CRA_images": 150.0} for s in range(3)])
     ira = interval(rows, "IRA")
     assert (ira.lo, ira.hi) == (pytest.approx(99.364, abs=1e-3), 100.0)
+    preserve = interval(rows.assign(preserve_ACC=rows["IRA"]), "preserve_ACC")  # [003]'s name for IRA
+    assert (preserve.lo, preserve.hi) == (ira.lo, ira.hi)
     assert resolution(rows, "IRA") == 0.5 and resolution(rows, "CRA") == pytest.approx(100 / 150)
     claim = _claim(metric="IRA", kind="greater", subject={"method": "core"}, other={"method": "esd"})
     esd = [{"method": "esd", "seed": s, "IRA": 99.8, "IRA_images": 200.0} for s in range(3)]

@@ -28,8 +28,9 @@ interval of the generations pooled over its runs: seeds that agree (three runs e
 22 generations) give a t-interval of width 0, though 3 of 66 generations cannot tell 4.5% from
 10%; the figures say when the floor widened it. Such an interval is cut to [0, 100], where every
 share lies. IRA and CRA, shares of the retain generations (averaged over domains where the
-forget set spans two), get the same resolution and floor from the retain images each judged
-(`IRA_images`, `CRA_images`, recorded by evaluations since 2026-12-07; older runs get neither).
+forget set spans two; [003]'s preserve ACC is IRA), get the same resolution and floor from the
+retain images each judged (`IRA_images`, `CRA_images`: recorded by evaluations since
+2026-12-07, known for the canvas evaluator's older ones; other older runs get neither).
 `per` splits the claim into one verdict per value of those columns; the claim holds when
 every slice holds, fails when any slice fails, else is inconclusive. A slice without runs
 yet says `no data`. All rows a selection picks in a slice are pooled.
@@ -126,7 +127,8 @@ def _share(metric: str, prefixes: tuple[str, ...]) -> bool:
     return metric in FORGET_SHARES or (metric.startswith(prefixes) and not metric.endswith("_step"))
 
 
-RETAIN_SHARES = ("IRA", "CRA")  # shares of the retain generations, counted in `<metric>_images`
+# shares of the retain generations and the column counting them; [003]'s preserve ACC is IRA
+RETAIN_SHARES = {"IRA": "IRA_images", "CRA": "CRA_images", "preserve_ACC": "IRA_images"}
 
 
 def generations(rows: pd.DataFrame, metric: str, prefixes: tuple[str, ...] = PROPORTIONS) -> pd.Series | None:
@@ -134,7 +136,7 @@ def generations(rows: pd.DataFrame, metric: str, prefixes: tuple[str, ...] = PRO
     for a figure that is no share of generations: forget shares by their runs' `AR_resolution`
     (100 / the forget images), IRA and CRA by the retain images they judged."""
     if metric in RETAIN_SHARES:
-        column = f"{metric}_images"
+        column = RETAIN_SHARES[metric]
     elif _share(metric, prefixes):
         column = "AR_resolution"
     else:
